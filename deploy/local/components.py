@@ -1,0 +1,255 @@
+"""The native stack's servers: OPA, PostgreSQL and the Kafka broker, each a local process."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import string
+import subprocess
+from pathlib import Path
+
+import httpx
+
+from deploy.local import tools
+from deploy.local.processes import ManagedProcess, StackError, wait_until
+
+START_TIMEOUT = 120.0
+
+
+class OpaServer:
+    """OPA serving the policies and data under opa/, with decision logs for the audit trail."""
+
+    def __init__(self, root: Path, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = ManagedProcess("opa", root / "run", root / "logs")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self) -> None:
+        self.process.start(
+            [
+                tools.opa(),
+                "run",
+                "--server",
+                f"--addr=127.0.0.1:{self.port}",
+                "--log-format=json",
+                "--set=decision_logs.console=true",
+                "--ignore=*_test.rego",
+                str(tools.REPO / "opa"),
+            ]
+        )
+        wait_until(
+            self._up_or_exited, timeout=START_TIMEOUT, what="OPA answering /health", log=self.process.log_file
+        )
+
+    def _up_or_exited(self) -> bool:
+        if self.process.exited():
+            raise_exited(self.process)
+        return self.healthy()
+
+
+class PostgresServer:
+    """PostgreSQL with a `pipeline` database; password (SCRAM) logins over loopback TCP only."""
+
+    SUPERUSER = "postgres"
+
+    def __init__(self, root: Path, port: int):
+        self.port = port
+        self.dir = root / "postgres"
+        self.data_dir = self.dir / "data"
+        self.socket_dir = self.dir / "run"
+        self.bindir = tools.postgres_bindir()
+        # PostgreSQL refuses to run as root: as root, run it as Debian's `postgres` user.
+        self.os_user = self._os_user()
+        self.process = ManagedProcess("postgres", root / "run", root / "logs", signal.SIGINT)
+
+    def dsn(self, user: str, password: str, database: str) -> str:
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def healthy(self) -> bool:
+        probe = [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        return subprocess.run(probe, check=False).returncode == 0
+
+    def init(self, superuser_password: str) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        for d in (self.dir, self.data_dir, self.socket_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            self._own(d)
+        self.data_dir.chmod(0o700)
+        pwfile = self.dir / "initdb-password"
+        pwfile.write_text(superuser_password)
+        self._own(pwfile)
+        try:
+            result = subprocess.run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    self.SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    "--auth-host=scram-sha-256",
+                    "--auth-local=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ],
+                user=self.os_user,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise StackError(f"initdb failed:\n{result.stdout}{result.stderr}")
+
+    def start(self) -> None:
+        self.process.start(
+            [
+                str(self.bindir / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.socket_dir}",
+                "-c",
+                "shared_buffers=256MB",
+                "-c",
+                "max_connections=200",
+            ],
+            user=self.os_user,
+        )
+        wait_until(
+            self._up_or_exited,
+            timeout=START_TIMEOUT,
+            what="PostgreSQL accepting connections",
+            log=self.process.log_file,
+        )
+
+    def _up_or_exited(self) -> bool:
+        if self.process.exited():
+            raise_exited(self.process)
+        return self.healthy()
+
+    def _os_user(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError as e:
+            raise StackError("running as root needs the `postgres` OS user: run `make deps`") from e
+        return "postgres"
+
+    def _own(self, path: Path) -> None:
+        if self.os_user:
+            entry = pwd.getpwnam(self.os_user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+class KafkaBroker:
+    """Single-node KRaft Kafka: SSL-only listeners, SPIFFE principals, OPA authorization."""
+
+    TEMPLATE = tools.LOCAL / "kafka" / "server.properties"
+    LOG4J = tools.LOCAL / "kafka" / "log4j.properties"
+
+    def __init__(self, root: Path, port: int, controller_port: int):
+        self.port = port
+        self.controller_port = controller_port
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.dir = root / "kafka"
+        self.data_dir = self.dir / "data"
+        self.config_file = self.dir / "server.properties"
+        self.keystore = self.dir / "keystore.pem"
+        self.process = ManagedProcess("kafka", root / "run", root / "logs")
+
+    def configure(
+        self,
+        *,
+        broker_identity_dir: Path,
+        broker_id: str,
+        trust_domain: str,
+        opa_url: str,
+        authz_cache_seconds: int,
+    ) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Kafka's PEM key store wants the private key and its certificate chain in one file.
+        key = (broker_identity_dir / "key.pem").read_bytes()
+        cert = (broker_identity_dir / "svid.pem").read_bytes()
+        fd = os.open(self.keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key + cert)
+        properties = string.Template(self.TEMPLATE.read_text()).substitute(
+            controller_port=self.controller_port,
+            client_port=self.port,
+            data_dir=self.data_dir,
+            keystore=self.keystore,
+            bundle=broker_identity_dir / "bundle.pem",
+            trust_domain=trust_domain,
+            opa_url=opa_url,
+            authz_cache_seconds=authz_cache_seconds,
+            broker_id=broker_id,
+        )
+        self.config_file.write_text(properties)
+
+    def format_storage(self, cluster_id: str) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        result = subprocess.run(
+            [
+                *self._java(),
+                "kafka.tools.StorageTool",
+                "format",
+                "--ignore-formatted",
+                "-t",
+                cluster_id,
+                "-c",
+                str(self.config_file),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+    def start(self, healthy: callable) -> None:  # type: ignore[valid-type]
+        self.process.start([*self._java(heap=True), "kafka.Kafka", str(self.config_file)])
+
+        def up_or_exited() -> bool:
+            if self.process.exited():
+                raise_exited(self.process)
+            return healthy()
+
+        wait_until(
+            up_or_exited,
+            timeout=START_TIMEOUT,
+            what="Kafka broker serving metadata over mTLS",
+            log=self.process.log_file,
+            interval=1.0,
+        )
+
+    def _java(self, heap: bool = False) -> list[str]:
+        opts = ["-Xms512m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"] if heap else ["-Xmx256m"]
+        return [
+            tools.java(),
+            *opts,
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.LOG4J}",
+            "-cp",
+            tools.kafka_classpath(),
+        ]
+
+
+def raise_exited(process: ManagedProcess) -> None:
+    raise StackError(f"{process.name} exited during start; see {process.log_file}")

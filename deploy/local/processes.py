@@ -1,0 +1,149 @@
+"""Local processes of the native stack: start in the background, find again, stop.
+
+A process is known by its pid file under <stack>/run/, so `make down` in a new shell stops
+what `make up` started; its output goes to <stack>/logs/<name>.log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class StackError(RuntimeError):
+    """A component could not be installed, started or reached."""
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log yet)"
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    log: Path | None = None,
+    interval: float = 0.25,
+) -> None:
+    """Poll `condition` until it holds; on timeout raise a StackError naming the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except Exception:  # a probe failing is the same as "not yet"
+            pass
+        if time.monotonic() > deadline:
+            where = f"\n--- last lines of {log} ---\n{log_tail(log)}" if log else ""
+            raise StackError(f"{what} did not happen within {timeout:.0f}s{where}")
+        time.sleep(interval)
+
+
+class ManagedProcess:
+    def __init__(self, name: str, run_dir: Path, log_dir: Path, stop_signal: int = signal.SIGTERM):
+        self.name = name
+        self.pid_file = run_dir / f"{name}.pid"
+        self.log_file = log_dir / f"{name}.log"
+        self.stop_signal = stop_signal
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+    ) -> None:
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+            log.flush()
+            # A session of its own: the process outlives `make up` and ignores its Ctrl-C.
+            self._popen = subprocess.Popen(
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
+                user=user,
+            )
+        self.pid_file.write_text(str(self._popen.pid))
+
+    def exited(self) -> bool:
+        """True once a process this object started has died (e.g. bad config at start)."""
+        return self._popen is not None and self._popen.poll() is not None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._signal_and_wait(self.stop_signal, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self._signal_and_wait(signal.SIGKILL, 10.0)
+
+    def _signal_and_wait(self, sig: int, timeout: float) -> None:
+        pid = self.pid
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return
+        _signal_group(pid, sig)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.1)
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+            while _alive(pid):
+                self._reap()
+                time.sleep(0.1)
+        self._reap()
+        self.pid_file.unlink(missing_ok=True)
+
+    def _reap(self) -> None:
+        if self._popen is not None:
+            self._popen.poll()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

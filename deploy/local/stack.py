@@ -1,0 +1,326 @@
+"""The native stack: `python -m deploy.local.stack up|down|clean|status [--root DIR]`.
+
+Starts real components as local processes, in dependency order, each waited on until
+healthy: development SVIDs, OPA, PostgreSQL (with migrations), Kafka (KRaft, mTLS, OPA
+authorizer), then the pipeline topics. State lives under one root (default .stack/):
+stack.json (ports, cluster id), env (PIPELINE_* settings), logs/, run/ (pid files),
+identities/<name>/, ca/, kafka/, postgres/. Running `up` again changes nothing that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import secrets
+import shutil
+import socket
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from deploy.local import devca
+from deploy.local.components import KafkaBroker, OpaServer, PostgresServer
+from deploy.local.processes import StackError
+from services.common.identity import X509Identity, identity_name, load_identity
+from services.common.kafka import client_config
+from services.common.topics import TOPICS
+from services.storage.migrate import apply_migrations
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".stack"
+TD = devca.TRUST_DOMAIN
+BROKER_ID = f"spiffe://{TD}/broker/kafka"
+BOOTSTRAP_ID = f"spiffe://{TD}/admin/bootstrap"
+# Every identity the development CA issues; the broker's also names its loopback address
+# so clients verify the broker's host name as well as its trust domain.
+SPIFFE_IDS = (
+    BROKER_ID,
+    f"spiffe://{TD}/service/ingester",
+    f"spiffe://{TD}/service/processor",
+    f"spiffe://{TD}/service/storage",
+    f"spiffe://{TD}/source/web",
+    f"spiffe://{TD}/source/mobile",
+    f"spiffe://{TD}/source/backend",
+    f"spiffe://{TD}/operator/cli",
+    BOOTSTRAP_ID,
+)
+# Re-issue an SVID at `up` when less than this is left of it.
+RENEW_BEFORE = timedelta(hours=4)
+DEFAULT_PORTS = {"kafka": 19092, "controller": 19093, "opa": 18181, "postgres": 15432}
+DEFAULT_AUTHZ_CACHE_SECONDS = 10
+
+
+@dataclass
+class StackState:
+    ports: dict[str, int]
+    cluster_id: str
+    pg_superuser_password: str
+    pg_password: str
+    authz_cache_seconds: int
+
+
+class Stack:
+    def __init__(
+        self,
+        root: Path = DEFAULT_ROOT,
+        ports: dict[str, int] | None = None,
+        authz_cache_seconds: int = DEFAULT_AUTHZ_CACHE_SECONDS,
+    ):
+        self.root = root.resolve()
+        self.state_file = self.root / "stack.json"
+        self.env_file = self.root / "env"
+        self.identity_dir = self.root / "identities"
+        self.state = self._load_or_create_state(ports or DEFAULT_PORTS, authz_cache_seconds)
+        p = self.state.ports
+        self.opa = OpaServer(self.root, p["opa"])
+        self.postgres = PostgresServer(self.root, p["postgres"])
+        self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def up(self, log=print) -> None:  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # the postgres OS user must reach its data directory
+        issued = self.issue_identities()
+        if issued:
+            log(f"identities: issued {len(issued)} SVIDs into {self.identity_dir}")
+
+        self._ensure("opa", self.opa.process.running(), self.opa.healthy, self.opa.start, log)
+        self.postgres.init(self.state.pg_superuser_password)
+        self._ensure(
+            "postgres", self.postgres.process.running(), self.postgres.healthy, self.postgres.start, log
+        )
+        applied = asyncio.run(self._prepare_database())
+        if applied:
+            log(f"postgres: applied migrations {', '.join(applied)}")
+
+        self.kafka.configure(
+            broker_identity_dir=self.identity_dir / identity_name(BROKER_ID),
+            broker_id=BROKER_ID,
+            trust_domain=TD,
+            opa_url=self.opa.url,
+            authz_cache_seconds=self.state.authz_cache_seconds,
+        )
+        self.kafka.format_storage(self.state.cluster_id)
+        self._ensure(
+            "kafka",
+            self.kafka.process.running(),
+            self.kafka_healthy,
+            lambda: self.kafka.start(self.kafka_healthy),
+            log,
+        )
+        created = self.create_topics()
+        if created:
+            log(f"kafka: created topics {', '.join(created)}")
+        self.write_env()
+        log(f"stack up in {time.monotonic() - started:.1f}s")
+
+    def down(self, log=print) -> None:  # type: ignore[no-untyped-def]
+        for name, process in (
+            ("kafka", self.kafka.process),
+            ("postgres", self.postgres.process),
+            ("opa", self.opa.process),
+        ):
+            if process.running():
+                process.stop()
+                log(f"{name}: stopped")
+
+    def clean(self, log=print) -> None:  # type: ignore[no-untyped-def]
+        self.down(log)
+        shutil.rmtree(self.root, ignore_errors=True)
+        log(f"removed {self.root}")
+
+    def _ensure(self, name, running, healthy, start, log) -> None:  # type: ignore[no-untyped-def]
+        if running and healthy():
+            log(f"{name}: already running")
+            return
+        if running:  # alive but not answering: a leftover; restart it cleanly
+            getattr(self, name).process.stop()
+        t = time.monotonic()
+        start()
+        log(f"{name}: started in {time.monotonic() - t:.1f}s")
+
+    # ---- identities ------------------------------------------------------------------
+
+    def issue_identities(self) -> list[str]:
+        """Issue each SVID that is missing or close to expiry; returns the names issued."""
+        ca = devca.load_or_create_ca(self.root / "ca")
+        issued = []
+        for spiffe_id in SPIFFE_IDS:
+            name = identity_name(spiffe_id)
+            try:
+                current = load_identity(self.identity_dir, name)
+                fresh = current.not_after - datetime.now(UTC) > RENEW_BEFORE
+                same_ca = current.bundle_path.read_bytes() == ca.bundle_pem
+                if fresh and same_ca:
+                    continue
+            except Exception:
+                pass
+            extra = (
+                {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]} if spiffe_id == BROKER_ID else {}
+            )
+            devca.write_identity(self.identity_dir, ca, spiffe_id, **extra)
+            issued.append(name)
+        return issued
+
+    def identity(self, name: str) -> X509Identity:
+        return load_identity(self.identity_dir, name)
+
+    # ---- kafka -----------------------------------------------------------------------
+
+    def client_config(self, identity_name: str, **overrides: object) -> dict[str, object]:
+        return client_config(self.kafka.bootstrap, self.identity(identity_name), **overrides)
+
+    def admin(self, **overrides: object) -> AdminClient:
+        return AdminClient(self.client_config(identity_name(BOOTSTRAP_ID), **overrides))
+
+    def kafka_healthy(self) -> bool:
+        try:  # quiet: while the broker starts, every probe's refused connection would be logged
+            metadata = self.admin(log_level=0).list_topics(timeout=3)
+        except KafkaException:
+            return False
+        return bool(metadata.brokers)
+
+    def create_topics(self) -> list[str]:
+        admin = self.admin()
+        existing = set(admin.list_topics(timeout=10).topics)
+        wanted = [t for t in TOPICS if t.name not in existing]
+        if not wanted:
+            return []
+        futures = admin.create_topics(
+            [
+                NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, config=t.config)
+                for t in wanted
+            ],
+            operation_timeout=30,
+            request_timeout=30,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as e:
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise StackError(f"creating topic {name} failed: {e}") from e
+        return [t.name for t in wanted]
+
+    # ---- postgres --------------------------------------------------------------------
+
+    @property
+    def pg_dsn(self) -> str:
+        return self.postgres.dsn("pipeline", self.state.pg_password, "pipeline")
+
+    async def _prepare_database(self) -> list[str]:
+        """Create the `pipeline` role and database once, then apply pending migrations."""
+        admin_dsn = self.postgres.dsn(PostgresServer.SUPERUSER, self.state.pg_superuser_password, "postgres")
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = 'pipeline'"):
+                await conn.execute(f"CREATE ROLE pipeline LOGIN PASSWORD '{self.state.pg_password}'")
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'pipeline'"):
+                await conn.execute("CREATE DATABASE pipeline OWNER pipeline")
+        finally:
+            await conn.close()
+        return await apply_migrations(self.pg_dsn)
+
+    # ---- state and env ---------------------------------------------------------------
+
+    def _load_or_create_state(self, ports: dict[str, int], authz_cache_seconds: int) -> StackState:
+        if self.state_file.exists():
+            return StackState(**json.loads(self.state_file.read_text()))
+        state = StackState(
+            ports=dict(ports),
+            cluster_id=base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="),
+            pg_superuser_password=secrets.token_urlsafe(24),
+            pg_password=secrets.token_urlsafe(24),
+            authz_cache_seconds=authz_cache_seconds,
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(state), f, indent=2)
+        return state
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PIPELINE_STACK_DIR": str(self.root),
+            "PIPELINE_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
+            "PIPELINE_OPA_URL": self.opa.url,
+            "PIPELINE_PG_DSN": self.pg_dsn,
+            "PIPELINE_IDENTITY_DIR": str(self.identity_dir),
+        }
+
+    def write_env(self) -> None:
+        lines = [f"export {k}='{v}'" for k, v in self.env().items()]
+        fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# written by `make up`; source it: . .stack/env\n" + "\n".join(lines) + "\n")
+
+    def status(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for name, process, healthy, address in (
+            ("opa", self.opa.process, self.opa.healthy, self.opa.url),
+            ("postgres", self.postgres.process, self.postgres.healthy, f"127.0.0.1:{self.postgres.port}"),
+            ("kafka", self.kafka.process, self.kafka_healthy, f"{self.kafka.bootstrap} (mTLS)"),
+        ):
+            pid = process.pid
+            state = "stopped" if pid is None else ("healthy" if healthy() else "unhealthy")
+            rows.append((name, state, address, str(process.log_file)))
+        return rows
+
+
+def free_ports(names: tuple[str, ...] = tuple(DEFAULT_PORTS)) -> dict[str, int]:
+    """Ports the OS has just handed out: for stacks that must not collide (tests)."""
+    sockets = []
+    for _ in names:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = {name: s.getsockname()[1] for name, s in zip(names, sockets, strict=True)}
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local.stack", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["up", "down", "clean", "status"])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="state directory (default .stack/)")
+    args = parser.parse_args(argv)
+    stack = Stack(args.root)
+    try:
+        if args.command == "up":
+            stack.up()
+            print_summary(stack)
+        elif args.command == "down":
+            stack.down()
+        elif args.command == "clean":
+            stack.clean()
+        else:
+            print_summary(stack)
+            return 0 if all(row[1] == "healthy" for row in stack.status()) else 1
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_summary(stack: Stack) -> None:
+    print(f"\n{'component':<10} {'state':<10} {'address':<28} log")
+    for name, state, address, log in stack.status():
+        print(f"{name:<10} {state:<10} {address:<28} {log}")
+    print(f"\nsettings:   . {stack.env_file}")
+    print(f"identities: {stack.identity_dir}/<name>/{{svid,key,bundle}}.pem")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Where the native stack's programs are. `make deps` installs them; this only finds them."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+
+from deploy.local.processes import StackError
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL = REPO / "deploy" / "local"
+OPA_VERSION = "v1.22.3"  # keep in step with the Makefile
+CACHE = Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "pipeline"))
+
+
+def kafka_classpath() -> str:
+    jar = LOCAL / "target" / "spiffe-principal.jar"
+    lib = LOCAL / "target" / "lib"
+    if not jar.is_file() or not lib.is_dir():
+        raise StackError(f"Kafka jars are not built ({jar}, {lib}/): run `make deps`")
+    return f"{jar}:{lib}/*"
+
+
+def java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    path = f"{home}/bin/java" if home else shutil.which("java")
+    if not path or not Path(path).is_file():
+        raise StackError("java not found (Java 17 is required): set JAVA_HOME or install openjdk-17-jre")
+    return path
+
+
+def opa() -> str:
+    path = Path(os.environ.get("PIPELINE_OPA_BIN", CACHE / f"opa-{OPA_VERSION}" / "opa"))
+    if not path.is_file():
+        raise StackError(f"OPA {OPA_VERSION} not found at {path}: run `make deps`")
+    return str(path)
+
+
+def postgres_bindir() -> Path:
+    """The newest PostgreSQL server's bin directory (Debian's layout first)."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=_major, reverse=True)
+    found = shutil.which("postgres")
+    if found:
+        candidates.append(found)
+    if not candidates:
+        raise StackError("PostgreSQL server not found: run `make deps` (Debian package postgresql)")
+    return Path(candidates[0]).resolve().parent
+
+
+def _major(path: str) -> int:
+    try:
+        return int(Path(path).parts[-3])
+    except ValueError:
+        return 0

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the system packages the native stack needs, only those missing: Java 17 and
+# Maven (Kafka, the principal builder), PostgreSQL's server, Go (to build OPA).
+set -euo pipefail
+
+missing=()
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+command -v go >/dev/null || missing+=(golang-go)
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgres >/dev/null \
+  || missing+=(postgresql)
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  missing+=(postgresql)  # provides the `postgres` OS user that runs the server when we are root
+fi
+command -v python3 >/dev/null || missing+=(python3 python3-venv)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "missing system packages: ${missing[*]}" >&2
+  echo "install them (e.g. sudo apt-get install ${missing[*]}) and run make again" >&2
+  exit 1
+fi
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"

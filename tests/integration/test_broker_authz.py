@@ -1,0 +1,113 @@
+"""Broker authorization: SPIFFE principals, OPA's kafka.authz policy, default deny, fail closed."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+from confluent_kafka import KafkaError
+
+from deploy.local.stack import Stack
+from services.common.topics import RAW, VALIDATED
+from tests.integration.kafka_helpers import create_topic, eventually, produce_one, read_value
+
+WEB = "source-web"
+INGESTER = "service-ingester"
+
+
+def unique() -> bytes:
+    return f"test-{uuid.uuid4()}".encode()
+
+
+def test_source_can_produce_to_raw(stack: Stack) -> None:
+    value = unique()
+    assert produce_one(stack.client_config(WEB), RAW, value) is None
+    seen, error = read_value(stack.client_config(INGESTER), RAW, value)
+    assert error is None
+    assert seen == value
+
+
+def test_source_is_denied_writing_validated(stack: Stack) -> None:
+    error = produce_one(stack.client_config(WEB), VALIDATED, unique())
+    assert error is not None
+    assert error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
+def test_source_is_denied_reading_raw(stack: Stack) -> None:
+    value = unique()
+    assert produce_one(stack.client_config(WEB), RAW, value) is None
+    seen, error = read_value(stack.client_config(WEB), RAW, value)
+    assert seen is None
+    assert error is not None
+    assert error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
+def test_ingester_reads_raw_and_writes_validated(stack: Stack) -> None:
+    raw_value = unique()
+    assert produce_one(stack.client_config(WEB), RAW, raw_value) is None
+    seen, error = read_value(stack.client_config(INGESTER), RAW, raw_value)
+    assert (seen, error) == (raw_value, None)
+
+    validated_value = unique()
+    assert produce_one(stack.client_config(INGESTER), VALIDATED, validated_value) is None
+    seen, error = read_value(stack.client_config("service-processor"), VALIDATED, validated_value)
+    assert (seen, error) == (validated_value, None)
+
+
+def test_policy_data_change_flips_a_decision_without_broker_restart(stack: Stack) -> None:
+    topic = f"test.flip.{uuid.uuid4().hex}"
+    create_topic(stack.admin(), topic)
+    broker_pid = stack.kafka.process.pid
+    web = stack.client_config(WEB)
+    error = produce_one(web, topic, unique(), timeout=5)
+    assert error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+    role_url = f"{stack.opa.url}/v1/data/kafka_acl/roles/test-flip-{uuid.uuid4().hex}"
+    role = {
+        "principals": ["spiffe://pipeline.local/source/web"],
+        "grants": [{"resource": "TOPIC", "name": topic, "operations": ["WRITE"]}],
+    }
+    assert httpx.put(role_url, json=role).status_code == 204
+    eventually(
+        lambda: produce_one(web, topic, unique(), timeout=5) is None,
+        30,
+        "source/web allowed to write after the grant was added",
+    )
+
+    assert httpx.delete(role_url).status_code == 204
+    eventually(
+        lambda: produce_one(web, topic, unique(), timeout=5) is not None,
+        30,
+        "source/web denied again after the grant was removed",
+    )
+    assert stack.kafka.process.pid == broker_pid
+
+
+def test_opa_down_means_undecided_requests_are_denied(stack: Stack) -> None:
+    topic = f"test.failclosed.{uuid.uuid4().hex}"
+    create_topic(stack.admin(), topic)
+    role = {
+        "principals": ["spiffe://pipeline.local/source/web"],
+        "grants": [{"resource": "TOPIC", "name": topic, "operations": ["WRITE"]}],
+    }
+    role_path = f"/v1/data/kafka_acl/roles/test-failclosed-{uuid.uuid4().hex}"
+    web = stack.client_config(WEB)
+
+    # The grant exists, but the broker has never asked about it when OPA goes away.
+    assert httpx.put(stack.opa.url + role_path, json=role).status_code == 204
+    stack.opa.process.stop()
+    try:
+        assert not stack.opa.healthy()
+        error = produce_one(web, topic, unique(), timeout=5)
+        assert error is not None
+        assert error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    finally:
+        stack.opa.start()
+
+    # Same request, OPA back with the grant: allowed, so OPA being down was the only reason.
+    assert httpx.put(stack.opa.url + role_path, json=role).status_code == 204
+    eventually(
+        lambda: produce_one(web, topic, unique(), timeout=5) is None,
+        30,
+        "source/web allowed once OPA is back",
+    )

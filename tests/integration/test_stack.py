@@ -1,0 +1,69 @@
+"""The native stack itself: idempotent `up`, its settings file, topics and database."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import subprocess
+
+import asyncpg
+from confluent_kafka.admin import ConfigResource
+
+from deploy.local.stack import Stack
+from services.common.topics import DLQ, LARGE_RECORD_BYTES, RAW, TOPICS
+
+
+def test_second_up_changes_nothing(stack: Stack) -> None:
+    pids = {p.name: p.pid for p in (stack.opa.process, stack.postgres.process, stack.kafka.process)}
+    lines: list[str] = []
+    stack.up(log=lines.append)
+    assert {p.name: p.pid for p in (stack.opa.process, stack.postgres.process, stack.kafka.process)} == pids
+    assert [line for line in lines if not line.startswith("stack up in")] == [
+        "opa: already running",
+        "postgres: already running",
+        "kafka: already running",
+    ]
+
+
+def test_env_file_is_sourceable_and_complete(stack: Stack) -> None:
+    out = subprocess.run(
+        ["bash", "-c", f"set -eu; . {shlex.quote(str(stack.env_file))}; env"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("PIPELINE_"))
+    for key in ("PIPELINE_KAFKA_BOOTSTRAP", "PIPELINE_PG_DSN", "PIPELINE_OPA_URL", "PIPELINE_IDENTITY_DIR"):
+        assert env[key], key
+    assert env["PIPELINE_KAFKA_BOOTSTRAP"] == stack.kafka.bootstrap
+    assert oct(stack.env_file.stat().st_mode & 0o777) == "0o600"  # it holds the database password
+
+
+def test_database_has_migrations_applied(stack: Stack) -> None:
+    async def query() -> tuple[list[str], list[str]]:
+        conn = await asyncpg.connect(stack.pg_dsn)
+        try:
+            versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+            columns = [
+                r["column_name"]
+                for r in await conn.fetch(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'users'"
+                )
+            ]
+            return versions, columns
+        finally:
+            await conn.close()
+
+    versions, columns = asyncio.run(query())
+    assert "0001_users" in versions
+    assert {"id", "name", "tier", "is_test"} <= set(columns)
+
+
+def test_topics_exist_with_their_settings(stack: Stack) -> None:
+    admin = stack.admin()
+    metadata = admin.list_topics(timeout=10)
+    for spec in TOPICS:
+        assert len(metadata.topics[spec.name].partitions) == spec.partitions
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in (RAW, DLQ)]
+    configs = {r.name: f.result() for r, f in admin.describe_configs(resources).items()}
+    assert int(configs[RAW]["max.message.bytes"].value) == LARGE_RECORD_BYTES
+    assert int(configs[DLQ]["max.message.bytes"].value) == LARGE_RECORD_BYTES
+    assert int(configs[DLQ]["retention.ms"].value) >= 30 * 24 * 3600 * 1000

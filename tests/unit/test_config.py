@@ -1,0 +1,45 @@
+"""Bad configuration stops a component at start with a message naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from services.common.config import CommonSettings
+
+GOOD = {
+    "PIPELINE_KAFKA_BOOTSTRAP": "127.0.0.1:19092",
+    "PIPELINE_IDENTITY_DIR": "/tmp/identities",
+    "PIPELINE_IDENTITY": "service-ingester",
+    "PIPELINE_OPA_URL": "http://127.0.0.1:18181",
+}
+
+
+def test_settings_come_from_pipeline_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in GOOD.items():
+        monkeypatch.setenv(k, v)
+    settings = CommonSettings()
+    assert settings.kafka_bootstrap == "127.0.0.1:19092"
+    assert str(settings.identity_dir) == "/tmp/identities"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("PIPELINE_KAFKA_BOOTSTRAP", None, "kafka_bootstrap"),
+        ("PIPELINE_OPA_URL", "127.0.0.1:18181", "opa_url"),
+        ("PIPELINE_IDENTITY", "", "identity"),
+    ],
+)
+def test_missing_or_bad_setting_is_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str | None, field: str
+) -> None:
+    for k, v in GOOD.items():
+        monkeypatch.setenv(k, v)
+    if value is None:
+        monkeypatch.delenv(variable)
+    else:
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as error:
+        CommonSettings()
+    assert field in str(error.value)

@@ -1,0 +1,29 @@
+"""Background processes of the native stack: found again by pid file, stopped, waited on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.local.processes import ManagedProcess, StackError, wait_until
+
+
+def test_start_find_again_and_stop(tmp_path: Path) -> None:
+    process = ManagedProcess("sleeper", tmp_path / "run", tmp_path / "logs")
+    process.start([sys.executable, "-c", "print('hello', flush=True); import time; time.sleep(60)"])
+    wait_until(lambda: "hello" in process.log_file.read_text(), timeout=10, what="output logged")
+    # A second handle (as `make down` in a new shell has) sees the same process.
+    again = ManagedProcess("sleeper", tmp_path / "run", tmp_path / "logs")
+    assert again.pid == process.pid is not None
+    process.stop(timeout=5)
+    assert not again.running()
+    assert not process.pid_file.exists()
+
+
+def test_wait_until_names_what_and_shows_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "x.log"
+    log.write_text("line one\nfatal: port in use\n")
+    with pytest.raises(StackError, match=r"(?s)broker up.*fatal: port in use"):
+        wait_until(lambda: False, timeout=0.3, what="broker up", log=log)
