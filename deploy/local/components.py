@@ -7,6 +7,7 @@ import pwd
 import signal
 import string
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -184,11 +185,10 @@ class KafkaBroker:
     ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Kafka's PEM key store wants the private key and its certificate chain in one file.
-        key = (broker_identity_dir / "key.pem").read_bytes()
-        cert = (broker_identity_dir / "svid.pem").read_bytes()
-        fd = os.open(self.keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key + cert)
+        _write_private(
+            self.keystore,
+            (broker_identity_dir / "key.pem").read_bytes() + (broker_identity_dir / "svid.pem").read_bytes(),
+        )
         properties = string.Template(self.TEMPLATE.read_text()).substitute(
             controller_port=self.controller_port,
             client_port=self.port,
@@ -239,6 +239,25 @@ class KafkaBroker:
             interval=1.0,
         )
 
+    def run_tool(self, main_class: str, identity_dir: Path, args: list[str]) -> str:
+        """Run a Java admin tool of ours against the broker as the identity in identity_dir."""
+        keystore = self.dir / f"{identity_dir.name}-keystore.pem"
+        _write_private(
+            keystore, (identity_dir / "key.pem").read_bytes() + (identity_dir / "svid.pem").read_bytes()
+        )
+        properties = self.dir / f"{identity_dir.name}-client.properties"
+        properties.write_text(
+            f"bootstrap.servers={self.bootstrap}\nsecurity.protocol=SSL\n"
+            f"ssl.keystore.type=PEM\nssl.keystore.location={keystore}\n"
+            f"ssl.truststore.type=PEM\nssl.truststore.location={identity_dir / 'bundle.pem'}\n"
+        )
+        result = subprocess.run(
+            [*self._java(), main_class, str(properties), *args], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise StackError(f"{main_class} failed:\n{result.stdout}{result.stderr[-2000:]}")
+        return result.stdout
+
     def _java(self, heap: bool = False) -> list[str]:
         opts = ["-Xms512m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"] if heap else ["-Xmx256m"]
         return [
@@ -251,5 +270,50 @@ class KafkaBroker:
         ]
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def raise_exited(process: ManagedProcess) -> None:
     raise StackError(f"{process.name} exited during start; see {process.log_file}")
+
+
+class PipelineService:
+    """One of the pipeline's own services (python -m services.<name>), with its health port."""
+
+    def __init__(self, root: Path, name: str, port: int):
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = ManagedProcess(name, root / "run", root / "logs")
+
+    def healthy(self) -> bool:
+        return self._get("/healthz")
+
+    def ready(self) -> bool:
+        return self._get("/readyz")
+
+    def _get(self, path: str) -> bool:
+        try:
+            return httpx.get(self.url + path, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process.start(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env={**env, "PIPELINE_HTTP_PORT": str(self.port), "PIPELINE_INSTANCE_ID": "local"},
+            cwd=tools.REPO,
+        )
+        wait_until(
+            self._up_or_exited,
+            timeout=START_TIMEOUT,
+            what=f"{self.name} answering /healthz",
+            log=self.process.log_file,
+        )
+
+    def _up_or_exited(self) -> bool:
+        if self.process.exited():
+            raise_exited(self.process)
+        return self.healthy()

@@ -39,6 +39,8 @@ def wait_until(
         try:
             if condition():
                 return
+        except StackError:
+            raise  # the condition found a hard failure (e.g. the process exited)
         except Exception:  # a probe failing is the same as "not yet"
             pass
         if time.monotonic() > deadline:

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +30,8 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy.local import devca
-from deploy.local.components import KafkaBroker, OpaServer, PostgresServer
-from deploy.local.processes import StackError
+from deploy.local.components import KafkaBroker, OpaServer, PipelineService, PostgresServer
+from deploy.local.processes import ManagedProcess, StackError
 from services.common.identity import X509Identity, identity_name, load_identity
 from services.common.kafka import client_config
 from services.common.topics import TOPICS
@@ -55,8 +56,20 @@ SPIFFE_IDS = (
 )
 # Re-issue an SVID at `up` when less than this is left of it.
 RENEW_BEFORE = timedelta(hours=4)
-DEFAULT_PORTS = {"kafka": 19092, "controller": 19093, "opa": 18181, "postgres": 15432}
+DEFAULT_PORTS = {
+    "kafka": 19092,
+    "controller": 19093,
+    "opa": 18181,
+    "postgres": 15432,
+    "ingester": 18081,
+    "processor": 18082,
+}
+# The pipeline's services, in start order, with the identity each runs as.
+SERVICES = {"ingester": "service-ingester", "processor": "service-processor"}
 DEFAULT_AUTHZ_CACHE_SECONDS = 10
+# Kafka client quota per source identity (bytes/s produced), so one flooding source is
+# throttled by the broker without slowing the others. Override: PIPELINE_SOURCE_PRODUCER_BYTE_RATE.
+DEFAULT_SOURCE_PRODUCER_BYTE_RATE = 32 * 1024 * 1024
 
 
 @dataclass
@@ -84,6 +97,7 @@ class Stack:
         self.opa = OpaServer(self.root, p["opa"])
         self.postgres = PostgresServer(self.root, p["postgres"])
         self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
+        self.services = {name: PipelineService(self.root, name, p[name]) for name in SERVICES}
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -95,11 +109,9 @@ class Stack:
         if issued:
             log(f"identities: issued {len(issued)} SVIDs into {self.identity_dir}")
 
-        self._ensure("opa", self.opa.process.running(), self.opa.healthy, self.opa.start, log)
+        self._ensure(self.opa.process, self.opa.healthy, self.opa.start, log)
         self.postgres.init(self.state.pg_superuser_password)
-        self._ensure(
-            "postgres", self.postgres.process.running(), self.postgres.healthy, self.postgres.start, log
-        )
+        self._ensure(self.postgres.process, self.postgres.healthy, self.postgres.start, log)
         applied = asyncio.run(self._prepare_database())
         if applied:
             log(f"postgres: applied migrations {', '.join(applied)}")
@@ -113,42 +125,50 @@ class Stack:
         )
         self.kafka.format_storage(self.state.cluster_id)
         self._ensure(
-            "kafka",
-            self.kafka.process.running(),
-            self.kafka_healthy,
-            lambda: self.kafka.start(self.kafka_healthy),
-            log,
+            self.kafka.process, self.kafka_healthy, lambda: self.kafka.start(self.kafka_healthy), log
         )
         created = self.create_topics()
         if created:
             log(f"kafka: created topics {', '.join(created)}")
+        if self.apply_source_quotas():
+            log(f"kafka: source quotas set to {self.source_byte_rate} bytes/s each")
         self.write_env()
+        for name, service in self.services.items():
+            self._ensure(service.process, service.healthy, lambda n=name: self.start_service(n), log)
         log(f"stack up in {time.monotonic() - started:.1f}s")
 
     def down(self, log=print) -> None:  # type: ignore[no-untyped-def]
-        for name, process in (
-            ("kafka", self.kafka.process),
-            ("postgres", self.postgres.process),
-            ("opa", self.opa.process),
-        ):
+        processes = [s.process for s in reversed(self.services.values())]
+        for process in [*processes, self.kafka.process, self.postgres.process, self.opa.process]:
             if process.running():
                 process.stop()
-                log(f"{name}: stopped")
+                log(f"{process.name}: stopped")
 
     def clean(self, log=print) -> None:  # type: ignore[no-untyped-def]
         self.down(log)
         shutil.rmtree(self.root, ignore_errors=True)
         log(f"removed {self.root}")
 
-    def _ensure(self, name, running, healthy, start, log) -> None:  # type: ignore[no-untyped-def]
+    def start_service(self, name: str) -> None:
+        """Start one pipeline service with its identity (also used to restart after a kill)."""
+        self.services[name].start({**self.env(), "PIPELINE_IDENTITY": SERVICES[name]})
+
+    @staticmethod
+    def _ensure(
+        process: ManagedProcess,
+        healthy: Callable[[], bool],
+        start: Callable[[], None],
+        log: Callable[[str], None],
+    ) -> None:
+        running = process.running()
         if running and healthy():
-            log(f"{name}: already running")
+            log(f"{process.name}: already running")
             return
         if running:  # alive but not answering: a leftover; restart it cleanly
-            getattr(self, name).process.stop()
+            process.stop()
         t = time.monotonic()
         start()
-        log(f"{name}: started in {time.monotonic() - t:.1f}s")
+        log(f"{process.name}: started in {time.monotonic() - t:.1f}s")
 
     # ---- identities ------------------------------------------------------------------
 
@@ -213,6 +233,32 @@ class Stack:
                     raise StackError(f"creating topic {name} failed: {e}") from e
         return [t.name for t in wanted]
 
+    @property
+    def source_byte_rate(self) -> int:
+        value = os.environ.get("PIPELINE_SOURCE_PRODUCER_BYTE_RATE", str(DEFAULT_SOURCE_PRODUCER_BYTE_RATE))
+        if not value.isdigit() or int(value) < 1024:
+            raise StackError(f"PIPELINE_SOURCE_PRODUCER_BYTE_RATE must be a byte rate >= 1024, got {value!r}")
+        return int(value)
+
+    def apply_source_quotas(self) -> bool:
+        """Set each source identity's quota unless it is already what we last set."""
+        sources = [i for i in SPIFFE_IDS if "/source/" in i]
+        wanted = {i: {"producer_byte_rate": float(self.source_byte_rate)} for i in sources}
+        record = self.kafka.dir / "quotas.json"
+        if record.exists() and json.loads(record.read_text()) == wanted:
+            return False
+        self.set_client_quotas(wanted)
+        record.write_text(json.dumps(wanted))
+        return True
+
+    def set_client_quotas(self, quotas: dict[str, dict[str, float]]) -> None:
+        """Kafka client quotas per principal (AlterClientQuotas, as admin/bootstrap)."""
+        self.kafka.run_tool(
+            "local.pipeline.kafka.SetClientQuotas",
+            self.identity_dir / identity_name(BOOTSTRAP_ID),
+            [f"{p}=" + ",".join(f"{k}:{v}" for k, v in q.items()) for p, q in quotas.items()],
+        )
+
     # ---- postgres --------------------------------------------------------------------
 
     @property
@@ -236,7 +282,13 @@ class Stack:
 
     def _load_or_create_state(self, ports: dict[str, int], authz_cache_seconds: int) -> StackState:
         if self.state_file.exists():
-            return StackState(**json.loads(self.state_file.read_text()))
+            state = StackState(**json.loads(self.state_file.read_text()))
+            # A stack made by an older version lacks newer components' ports.
+            missing = {k: v for k, v in ports.items() if k not in state.ports}
+            if missing:
+                state.ports.update(missing)
+                self._save_state(state)
+            return state
         state = StackState(
             ports=dict(ports),
             cluster_id=base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="),
@@ -244,11 +296,14 @@ class Stack:
             pg_password=secrets.token_urlsafe(24),
             authz_cache_seconds=authz_cache_seconds,
         )
+        self._save_state(state)
+        return state
+
+    def _save_state(self, state: StackState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(state), f, indent=2)
-        return state
 
     def env(self) -> dict[str, str]:
         return {
@@ -271,6 +326,7 @@ class Stack:
             ("opa", self.opa.process, self.opa.healthy, self.opa.url),
             ("postgres", self.postgres.process, self.postgres.healthy, f"127.0.0.1:{self.postgres.port}"),
             ("kafka", self.kafka.process, self.kafka_healthy, f"{self.kafka.bootstrap} (mTLS)"),
+            *((s.name, s.process, s.ready, s.url) for s in self.services.values()),
         ):
             pid = process.pid
             state = "stopped" if pid is None else ("healthy" if healthy() else "unhealthy")

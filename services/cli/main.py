@@ -7,63 +7,165 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from confluent_kafka import KafkaException
+from pydantic import ValidationError
 
-from services.common.identity import IdentityError, load_identity
-from services.common.kafka import client_config
-from services.common.topics import TOPICS
+from services.cli import dlq, produce
+from services.cli.settings import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    CliSettings,
+    UsageError,
+    load_settings,
+    report_bad_settings,
+)
+from services.cli.topics import topic_offsets
+from services.common.identity import IdentityError
+from services.common.topics import RAW
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "CliSettings",
+    "build_parser",
+    "main",
+    "topic_offsets",
+]
 
 
-class CliSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+def _number(
+    kind: Callable[[str], float], low: float, high: float = math.inf, *, open_low: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a number within [low, high] (or (low, high]); exit 2 otherwise."""
 
-    kafka_bootstrap: str = Field(min_length=1)
-    identity_dir: str = Field(min_length=1)
-    identity: str = "operator-cli"
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if math.isnan(value) or value > high or value < low or (open_low and value == low):
+            bounds = (
+                f"{'(' if open_low else '['}{low}, {high}]"
+                if high != math.inf
+                else (f"> {low}" if open_low else f">= {low}")
+            )
+            raise argparse.ArgumentTypeError(f"{text} is not {bounds}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def topic_offsets(settings: CliSettings) -> list[dict[str, object]]:
-    """Per pipeline topic: partitions and the sum of their end offsets (records ever written)."""
-    identity = load_identity(settings.identity_dir, settings.identity)
-    consumer = Consumer(client_config(settings.kafka_bootstrap, identity, **{"group.id": "pipectl-topics"}))
-    try:
-        metadata = consumer.list_topics(timeout=10)
-        rows = []
-        for spec in TOPICS:
-            topic = metadata.topics.get(spec.name)
-            if topic is None or topic.error is not None:
-                rows.append({"topic": spec.name, "error": str(topic.error if topic else "missing")})
-                continue
-            ends = [
-                consumer.get_watermark_offsets(TopicPartition(spec.name, p), timeout=10)[1]
-                for p in sorted(topic.partitions)
-            ]
-            rows.append({"topic": spec.name, "partitions": len(ends), "end_offsets": sum(ends)})
-        return rows
-    finally:
-        consumer.close()
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipectl", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    topics = commands.add_parser("topics", help="pipeline topics, partitions and records written")
+    topics.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = commands.add_parser(
+        "produce",
+        help="send raw events (JSON Lines file, stdin or generated) to pipeline.raw",
+        description="Send JSON Lines (one event per line, sent as-is, key = its user_id) or "
+        "generated events. Exit 0 when every record was delivered, 1 when any failed.",
+    )
+    p.add_argument("file", nargs="?", metavar="FILE|-", help="JSON Lines file, or - for stdin")
+    p.add_argument("--generate", type=_number(int, 1), metavar="N", help="generate N synthetic events")
+    p.add_argument(
+        "--invalid-fraction",
+        type=_number(float, 0, 1),
+        metavar="F",
+        help="with --generate: share of invalid events (default 0.05)",
+    )
+    p.add_argument(
+        "--duplicate-fraction",
+        type=_number(float, 0, 1),
+        metavar="F",
+        help="with --generate: share of exact re-sends of earlier events (default 0.02)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="with --generate: the same events every run (ids, users, properties; "
+        "timestamps follow the clock)",
+    )
+    p.add_argument(
+        "--rate",
+        type=_number(float, 0, open_low=True),
+        metavar="R",
+        help="pace to R events/s (default: as fast as the broker takes them)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="NAME",
+        help="identity to send as (default PIPELINE_IDENTITY or operator-cli), e.g. source-web",
+    )
+    p.add_argument("--topic", default=RAW, help=f"target topic (default {RAW})")
+    p.add_argument(
+        "--timeout",
+        type=_number(float, 0, open_low=True),
+        default=30.0,
+        metavar="SECONDS",
+        help="fail a record the broker has not acknowledged within this (default 30)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    dlq.add_parser(commands)
+    return parser
+
+
+def _check_produce_args(args: argparse.Namespace) -> None:
+    generator_only = {
+        "--invalid-fraction": args.invalid_fraction,
+        "--duplicate-fraction": args.duplicate_fraction,
+        "--seed": args.seed,
+    }
+    if args.generate is not None:
+        if args.file is not None:
+            raise UsageError("give either FILE or --generate, not both")
+        return
+    given = [name for name, value in generator_only.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --generate")
+    if args.file is None:
+        if sys.stdin.isatty():  # reading a terminal would just hang waiting for input
+            raise UsageError("give FILE, - (stdin) or --generate N")
+        args.file = "-"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pipectl", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    topics = commands.add_parser("topics", help="pipeline topics, partitions and records written")
-    topics.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors exit 2 (and --help 0) as a return value, not a raise
+        return e.code if isinstance(e.code, int) else EXIT_CONFIG
 
     try:
-        settings = CliSettings()
+        if args.command == "produce":
+            _check_produce_args(args)
+        elif args.command == "dlq":
+            dlq.check_args(args)
+        settings = load_settings(identity=getattr(args, "identity", None))
+        if args.command == "produce":
+            return produce.run(args, settings)
+        if args.command == "dlq":
+            return dlq.run(args, settings)
         rows = topic_offsets(settings)
-    except ValidationError as e:
-        print(f"pipectl: bad settings (source .stack/env after `make up`):\n{e}", file=sys.stderr)
+    except UsageError as e:
+        print(f"pipectl {args.command}: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except ValidationError as e:
+        return report_bad_settings(e)
     except (IdentityError, KafkaException) as e:
         print(f"pipectl: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -6,6 +6,7 @@ bad setting stops the component at start with pydantic's message, which names it
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -24,3 +25,15 @@ class CommonSettings(BaseSettings):
 
     def load_identity(self) -> X509Identity:
         return load_identity(self.identity_dir, self.identity)
+
+
+class StageSettings(CommonSettings):
+    """Settings of a Kafka-to-Kafka stage (ingester, processor)."""
+
+    batch_size: int = Field(2000, ge=1, le=100_000, description="most records per batch/transaction")
+    batch_timeout_ms: int = Field(100, ge=1, le=60_000, description="longest wait to fill a batch")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(0, ge=0, le=65535, description="/healthz /readyz /metrics; 0 picks a free port")
+    instance_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]+$")
+    log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error)$")
+    pg_dsn: str = Field(pattern=r"^postgres(ql)?://", description="PostgreSQL connection URL")

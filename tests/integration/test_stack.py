@@ -10,25 +10,31 @@ import asyncpg
 from confluent_kafka.admin import ConfigResource
 
 from deploy.local.stack import Stack
-from services.common.topics import DLQ, LARGE_RECORD_BYTES, RAW, TOPICS
+from services.common.topics import DLQ, DLQ_RECORD_BYTES, LARGE_RECORD_BYTES, RAW, TOPICS
 
 
 def test_second_up_changes_nothing(stack: Stack) -> None:
-    pids = {p.name: p.pid for p in (stack.opa.process, stack.postgres.process, stack.kafka.process)}
+    processes = [stack.opa.process, stack.postgres.process, stack.kafka.process]
+    processes += [s.process for s in stack.services.values()]
+    pids = {p.name: p.pid for p in processes}
     lines: list[str] = []
     stack.up(log=lines.append)
-    assert {p.name: p.pid for p in (stack.opa.process, stack.postgres.process, stack.kafka.process)} == pids
+    assert {p.name: p.pid for p in processes} == pids
     assert [line for line in lines if not line.startswith("stack up in")] == [
         "opa: already running",
         "postgres: already running",
         "kafka: already running",
+        "ingester: already running",
+        "processor: already running",
     ]
 
 
 def test_env_file_is_sourceable_and_complete(stack: Stack) -> None:
     out = subprocess.run(
         ["bash", "-c", f"set -eu; . {shlex.quote(str(stack.env_file))}; env"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("PIPELINE_"))
     for key in ("PIPELINE_KAFKA_BOOTSTRAP", "PIPELINE_PG_DSN", "PIPELINE_OPA_URL", "PIPELINE_IDENTITY_DIR"):
@@ -65,5 +71,5 @@ def test_topics_exist_with_their_settings(stack: Stack) -> None:
     resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in (RAW, DLQ)]
     configs = {r.name: f.result() for r, f in admin.describe_configs(resources).items()}
     assert int(configs[RAW]["max.message.bytes"].value) == LARGE_RECORD_BYTES
-    assert int(configs[DLQ]["max.message.bytes"].value) == LARGE_RECORD_BYTES
+    assert int(configs[DLQ]["max.message.bytes"].value) == DLQ_RECORD_BYTES
     assert int(configs[DLQ]["retention.ms"].value) >= 30 * 24 * 3600 * 1000

@@ -27,3 +27,16 @@ def test_wait_until_names_what_and_shows_the_log(tmp_path: Path) -> None:
     log.write_text("line one\nfatal: port in use\n")
     with pytest.raises(StackError, match=r"(?s)broker up.*fatal: port in use"):
         wait_until(lambda: False, timeout=0.3, what="broker up", log=log)
+
+
+def test_wait_until_stops_early_on_a_hard_failure(tmp_path: Path) -> None:
+    process = ManagedProcess("crasher", tmp_path / "run", tmp_path / "logs")
+    process.start([sys.executable, "-c", "raise SystemExit('bad config: PIPELINE_X')"])
+
+    def up_or_exited() -> bool:
+        if process.exited():
+            raise StackError(f"{process.name} exited during start; see {process.log_file}")
+        return False
+
+    with pytest.raises(StackError, match="crasher exited"):
+        wait_until(up_or_exited, timeout=60, what="never")

@@ -1,0 +1,208 @@
+"""Consume-transform-produce in Kafka transactions: the spine of every Kafka-to-Kafka stage.
+
+One batch at a time: consume up to `batch_size` records, let the stage's transform turn
+them into output records (it may wait for OPA or PostgreSQL), then produce the outputs and
+the consumed offsets in one transaction. Consumers read committed data only, so a stage
+killed at any moment leaves no duplicate and no gap downstream: an uncommitted batch is
+aborted by the broker (or by the next instance with the same transactional id) and read
+again. Only one batch is ever in flight: that bound is the backpressure, and what the
+stage cannot take yet waits in Kafka as consumer lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from services.common import metrics
+from services.common.dependencies import Stopping
+from services.common.topics import DLQ_RECORD_BYTES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class BatchOutcome:
+    """What a transform made of a batch; counted only once its transaction commits."""
+
+    records: list[OutputRecord] = field(default_factory=list)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    filtered: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+
+
+Transform = Callable[[list[Message]], Awaitable[BatchOutcome]]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    input_topic: str
+    group_id: str
+    transactional_id: str
+    batch_size: int = 2000
+    batch_timeout_s: float = 0.1
+
+
+class TransactionalStage:
+    def __init__(self, config: StageConfig, kafka: dict[str, Any], transform: Transform, stop: asyncio.Event):
+        self.config, self.transform, self.stop = config, transform, stop
+        self.consumer = Consumer(
+            {
+                **kafka,
+                "group.id": config.group_id,
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "statistics.interval.ms": 5000,
+                "stats_cb": metrics.record_consumer_lag,
+            }
+        )
+        self.producer = Producer(
+            {
+                **kafka,
+                "transactional.id": config.transactional_id,
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                "message.max.bytes": DLQ_RECORD_BYTES + 64 * 1024,
+                "queue.buffering.max.messages": 1_000_000,
+            }
+        )
+        self.running = False
+        self.assigned: list[TopicPartition] = []
+
+    async def run(self) -> None:
+        name = self.config.name
+        # Fences any older instance with our transactional id and aborts what it left open.
+        await asyncio.to_thread(self.producer.init_transactions, 60)
+        self.consumer.subscribe(
+            [self.config.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        self.running = True
+        log.info("stage running", extra={"group": self.config.group_id, "topic": self.config.input_topic})
+        try:
+            while not self.stop.is_set():
+                messages = await asyncio.to_thread(
+                    self.consumer.consume, self.config.batch_size, self.config.batch_timeout_s
+                )
+                batch = [m for m in messages if self._usable(m)]
+                if not batch:
+                    continue
+                started = time.monotonic()
+                try:
+                    outcome = await self.transform(batch)
+                except Stopping:
+                    break  # not committed: the batch is read again after restart
+                if await self._commit(batch, outcome):
+                    self._count(batch, outcome, time.monotonic() - started)
+        finally:
+            self.running = False
+            await asyncio.to_thread(self.consumer.close)
+            log.info("stage stopped", extra={"stage": name})
+
+    def _usable(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return True
+        if error.fatal():
+            raise KafkaException(error)
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error", extra={"error": str(error)})
+        return False
+
+    async def _commit(self, batch: list[Message], outcome: BatchOutcome) -> bool:
+        """Produce the outputs and the consumed offsets atomically; False if aborted."""
+        offsets = _next_offsets(batch)
+        try:
+            self.producer.begin_transaction()
+            for record in outcome.records:
+                self._produce(record)
+            await asyncio.to_thread(
+                self.producer.send_offsets_to_transaction,
+                list(offsets.values()),
+                self.consumer.consumer_group_metadata(),
+                60,
+            )
+            await self._commit_transaction()
+            return True
+        except KafkaException as e:
+            error: KafkaError = e.args[0]
+            if not error.txn_requires_abort():
+                raise  # fatal (e.g. fenced by a newer instance): exit, the supervisor restarts us
+            log.warning("transaction aborted, batch will be read again", extra={"error": str(error)})
+            metrics.TRANSACTIONS_ABORTED.labels(self.config.name).inc()
+            await asyncio.to_thread(self.producer.abort_transaction, 60)
+            self._rewind(batch)
+            return False
+
+    async def _commit_transaction(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.producer.commit_transaction, 60)
+                return
+            except KafkaException as e:
+                if not e.args[0].retriable():
+                    raise
+                log.warning("commit retry", extra={"error": str(e)})
+
+    def _produce(self, record: OutputRecord) -> None:
+        while True:
+            try:
+                self.producer.produce(record.topic, record.value, record.key, headers=record.headers)
+                return
+            except BufferError:  # local queue full: let deliveries drain, then go on
+                self.producer.poll(0.05)
+
+    def _rewind(self, batch: list[Message]) -> None:
+        first: dict[tuple[str, int], int] = {}
+        for m in batch:
+            first.setdefault((m.topic(), m.partition()), m.offset())
+        for (topic, partition), offset in first.items():
+            # Revoked meanwhile: its new owner starts from the committed offset.
+            with contextlib.suppress(KafkaException):
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+
+    def _count(self, batch: list[Message], outcome: BatchOutcome, seconds: float) -> None:
+        name = self.config.name
+        metrics.RECORDS_IN.labels(name).inc(len(batch))
+        for topic, n in Counter(r.topic for r in outcome.records).items():
+            metrics.RECORDS_OUT.labels(name, topic).inc(n)
+        for error_class, n in outcome.dead_letters.items():
+            metrics.DEAD_LETTERS.labels(name, error_class).inc(n)
+        for reason, n in outcome.filtered.items():
+            metrics.FILTERED.labels(name, reason).inc(n)
+        if outcome.duplicates:
+            metrics.DUPLICATES.labels(name).inc(outcome.duplicates)
+        metrics.BATCH_SIZE.labels(name).observe(len(batch))
+        metrics.BATCH_SECONDS.labels(name).observe(seconds)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = partitions
+        log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = []
+        log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+
+
+def _next_offsets(batch: list[Message]) -> dict[tuple[str, int], TopicPartition]:
+    offsets: dict[tuple[str, int], TopicPartition] = {}
+    for m in batch:
+        offsets[(m.topic(), m.partition())] = TopicPartition(m.topic(), m.partition(), m.offset() + 1)
+    return offsets

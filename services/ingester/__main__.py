@@ -1,0 +1,3 @@
+from services.ingester.service import main
+
+main()

@@ -1,0 +1,167 @@
+"""Ingester: pipeline.raw -> pipeline.validated, everything else to the DLQ or counted.
+
+Per batch: validate each record (size, JSON, contract), ask OPA once whether each source
+may emit each event type, drop duplicates by event_id, encode the rest as Avro
+ValidatedEvent. Every input record ends in exactly one of: validated, DLQ, duplicate.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from confluent_kafka import Message
+from pydantic import Field
+
+from services.common.avro import AvroSerde, SchemaStore
+from services.common.config import StageSettings
+from services.common.dependencies import DependencyWaiter
+from services.common.dlq import ErrorClass, FieldError, dead_letter
+from services.common.logs import setup_logging
+from services.common.opa import OpaClient
+from services.common.service import run_main, serve
+from services.common.stage import BatchOutcome, OutputRecord
+from services.common.topics import DLQ, RAW, VALIDATED
+from services.common.tracing import TRACEPARENT, continue_trace
+from services.ingester.dedup import Dedup, Seen
+from services.ingester.validation import DEFAULT_MAX_EVENT_BYTES, RawEvent, Rejection, validate
+
+STAGE = "ingester"
+INGEST_POLICY = "pipeline/ingest/decisions"
+
+
+class IngesterSettings(StageSettings):
+    max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=1024, le=8 * 1024 * 1024)
+    dedup_window_hours: float = Field(24.0, gt=0)
+
+
+class Ingester:
+    def __init__(self, settings: IngesterSettings, waiter: DependencyWaiter, store: SchemaStore):
+        self.settings, self.waiter = settings, waiter
+        self.validated = AvroSerde(store, "pipeline.events.ValidatedEvent")
+        self.version = store.latest("pipeline.events.ValidatedEvent").version
+        self.dead_letters = AvroSerde(store, "pipeline.events.DeadLetter")
+        self.opa = OpaClient(settings.opa_url)
+        self.dedup = Dedup(settings.pg_dsn, timedelta(hours=settings.dedup_window_hours))
+
+    async def transform(self, batch: list[Message]) -> BatchOutcome:
+        outcome = BatchOutcome()
+        events: list[tuple[Message, RawEvent]] = []
+        for message in batch:
+            checked = validate(message.value(), self.settings.max_event_bytes)
+            if isinstance(checked, Rejection):
+                self._dead_letter(outcome, message, checked.error_class, checked.message, checked.details)
+            else:
+                events.append((message, checked))
+
+        decisions = await self.waiter.call(
+            "opa",
+            lambda: self.opa.decide(
+                INGEST_POLICY,
+                [
+                    {
+                        "event_id": e.event_id,
+                        "event_type": e.event_type,
+                        "source": e.source,
+                        "user_id": e.user_id,
+                    }
+                    for _, e in events
+                ],
+            ),
+        )
+        allowed = []
+        for (message, event), decision in zip(events, decisions, strict=True):
+            if decision.get("allow") is True:
+                allowed.append((message, event))
+            else:
+                reason = str(decision.get("reason") or "denied by policy")
+                self._dead_letter(
+                    outcome, message, ErrorClass.POLICY_DENIED, reason, (FieldError("source", reason),)
+                )
+
+        seen = await self.waiter.call(
+            "postgres",
+            lambda: self.dedup.classify([(e.event_id, m.partition(), m.offset()) for m, e in allowed]),
+        )
+        now = datetime.now(UTC)
+        keep = [(m, e) for (m, e), s in zip(allowed, seen, strict=True) if s is not Seen.DUPLICATE]
+        outcome.duplicates = len(allowed) - len(keep)
+        values = self.validated.encode_batch([self._validated(m, e, now) for m, e in keep])
+        for (message, event), value in zip(keep, values, strict=True):
+            _, traceparent = continue_trace(message.headers())
+            outcome.records.append(
+                OutputRecord(VALIDATED, event.user_id.encode(), value, [(TRACEPARENT, traceparent)])
+            )
+        return outcome
+
+    def _validated(self, message: Message, event: RawEvent, now: datetime) -> dict:
+        _, produced_ms = message.timestamp()
+        return {
+            "event_id": event.event_id,
+            "event_type": event.event_type,
+            "timestamp": event.timestamp.astimezone(UTC),
+            "user_id": event.user_id,
+            "source": event.source,
+            "properties": _json_text(event.properties),
+            "version": self.version,
+            "received_at": datetime.fromtimestamp(produced_ms / 1000, UTC) if produced_ms > 0 else now,
+            "ingested_at": now,
+            "raw_partition": message.partition(),
+            "raw_offset": message.offset(),
+        }
+
+    def _dead_letter(
+        self,
+        outcome: BatchOutcome,
+        message: Message,
+        error_class: ErrorClass,
+        reason: str,
+        details: tuple[FieldError, ...] = (),
+    ) -> None:
+        headers = message.headers() or []
+        trace_id, traceparent = continue_trace(headers)
+        envelope = dead_letter(
+            topic=message.topic() or RAW,
+            partition=message.partition(),
+            offset=message.offset(),
+            key=message.key(),
+            value=message.value(),
+            headers=headers,
+            stage=STAGE,
+            error_class=error_class,
+            message=reason,
+            details=details,
+            trace_id=trace_id,
+        )
+        outcome.records.append(
+            OutputRecord(DLQ, message.key(), self.dead_letters.encode(envelope), [(TRACEPARENT, traceparent)])
+        )
+        outcome.dead_letters[error_class.value] += 1
+
+    async def close(self) -> None:
+        await self.opa.close()
+        await self.dedup.close()
+
+
+def _json_text(value: object) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # integers beyond 64 bits: orjson refuses them, the standard library does not
+        import json
+
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+async def main_async() -> None:
+    settings = IngesterSettings()
+    setup_logging(STAGE, settings.log_level)
+    store = SchemaStore.load()
+
+    async def build(waiter: DependencyWaiter) -> Ingester:
+        return Ingester(settings, waiter, store)
+
+    await serve(STAGE, settings, RAW, build)
+
+
+def main() -> None:
+    run_main(STAGE, main_async)

@@ -1,0 +1,3 @@
+from services.processor.service import main
+
+main()

@@ -1,0 +1,171 @@
+"""Processor: pipeline.validated -> pipeline.processed.
+
+Per batch: decode the Avro ValidatedEvents, enrich them with their users (one query for
+the cache's misses), apply the business rules (OPA's pipeline.process policy, one call:
+drop test users, skip heartbeat/debug, optional sampling; all data in opa/), and write
+the flat ProcessedEvent. Filtered records are counted by reason, never dead-lettered;
+records that cannot be decoded or transformed go to the DLQ.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from confluent_kafka import Message
+from pydantic import Field
+
+from services.common.avro import AvroSerde, SchemaStore, SerdeError
+from services.common.config import StageSettings
+from services.common.dependencies import DependencyWaiter
+from services.common.dlq import ErrorClass, dead_letter
+from services.common.logs import setup_logging
+from services.common.opa import OpaClient
+from services.common.service import run_main, serve
+from services.common.stage import BatchOutcome, OutputRecord
+from services.common.topics import DLQ, PROCESSED, VALIDATED
+from services.common.tracing import TRACEPARENT, continue_trace
+from services.processor.enrichment import User, UserDirectory
+
+STAGE = "processor"
+PROCESS_POLICY = "pipeline/process/decisions"
+
+
+class ProcessorSettings(StageSettings):
+    user_cache_ttl_s: float = Field(300.0, ge=0)
+
+
+class Processor:
+    def __init__(self, settings: ProcessorSettings, waiter: DependencyWaiter, store: SchemaStore):
+        self.waiter = waiter
+        self.validated = AvroSerde(store, "pipeline.events.ValidatedEvent")
+        self.processed = AvroSerde(store, "pipeline.events.ProcessedEvent")
+        self.version = store.latest("pipeline.events.ProcessedEvent").version
+        self.dead_letters = AvroSerde(store, "pipeline.events.DeadLetter")
+        self.opa = OpaClient(settings.opa_url)
+        self.users = UserDirectory(settings.pg_dsn, ttl_s=settings.user_cache_ttl_s)
+
+    async def transform(self, batch: list[Message]) -> BatchOutcome:
+        outcome = BatchOutcome()
+        events: list[tuple[Message, dict]] = []
+        for message in batch:
+            try:
+                events.append((message, self.validated.decode(message.value() or b"")))
+            except SerdeError as e:
+                self._dead_letter(outcome, message, ErrorClass.POISON, f"undecodable ValidatedEvent: {e}")
+
+        users = await self.waiter.call(
+            "postgres", lambda: self.users.lookup({e["user_id"] for _, e in events})
+        )
+        decisions = await self.waiter.call(
+            "opa",
+            lambda: self.opa.decide(
+                PROCESS_POLICY,
+                [
+                    {
+                        "event_id": e["event_id"],
+                        "event_type": e["event_type"],
+                        "source": e["source"],
+                        "user_id": e["user_id"],
+                        "user_is_test": users[e["user_id"]].is_test,
+                    }
+                    for _, e in events
+                ],
+            ),
+        )
+
+        now = datetime.now(UTC)
+        kept: list[tuple[Message, dict]] = []
+        for (message, event), decision in zip(events, decisions, strict=True):
+            if decision.get("keep") is not True:
+                outcome.filtered[str(decision.get("reason") or "policy")] += 1
+                continue
+            try:
+                kept.append((message, self._processed(event, users[event["user_id"]], now)))
+            except (ValueError, TypeError, KeyError, OverflowError) as e:
+                self._dead_letter(outcome, message, ErrorClass.ENRICHMENT_FAILED, f"{type(e).__name__}: {e}")
+
+        for (message, record), value in zip(kept, self._encode(outcome, kept), strict=True):
+            if value is None:
+                continue
+            _, traceparent = continue_trace(message.headers())
+            outcome.records.append(
+                OutputRecord(PROCESSED, record["user_id"].encode(), value, [(TRACEPARENT, traceparent)])
+            )
+        return outcome
+
+    def _encode(self, outcome: BatchOutcome, kept: list[tuple[Message, dict]]) -> list[bytes | None]:
+        try:
+            return list(self.processed.encode_batch([record for _, record in kept]))
+        except (ValueError, TypeError, OverflowError):
+            # Find the record(s) the schema refuses; the others go on.
+            values: list[bytes | None] = []
+            for message, record in kept:
+                try:
+                    values.append(self.processed.encode(record))
+                except (ValueError, TypeError, OverflowError) as e:
+                    self._dead_letter(
+                        outcome, message, ErrorClass.POISON, f"cannot encode ProcessedEvent: {e}"
+                    )
+                    values.append(None)
+            return values
+
+    def _processed(self, event: dict, user: User, now: datetime) -> dict:
+        timestamp: datetime = event["timestamp"].astimezone(UTC)
+        return {
+            "id": event["event_id"],
+            "type": event["event_type"],
+            "timestamp": timestamp,
+            "user_id": event["user_id"],
+            "user_name": user.name,
+            "user_tier": user.tier,
+            "user_known": user.known,
+            "properties": event["properties"],
+            "source": event["source"],
+            "day_of_week": timestamp.strftime("%A"),
+            "hour": timestamp.hour,
+            "version": self.version,
+            "received_at": event["received_at"],
+            "ingested_at": event["ingested_at"],
+            "processed_at": now,
+        }
+
+    def _dead_letter(
+        self, outcome: BatchOutcome, message: Message, error_class: ErrorClass, reason: str
+    ) -> None:
+        headers = message.headers() or []
+        trace_id, traceparent = continue_trace(headers)
+        envelope = dead_letter(
+            topic=message.topic() or VALIDATED,
+            partition=message.partition(),
+            offset=message.offset(),
+            key=message.key(),
+            value=message.value(),
+            headers=headers,
+            stage=STAGE,
+            error_class=error_class,
+            message=reason,
+            trace_id=trace_id,
+        )
+        outcome.records.append(
+            OutputRecord(DLQ, message.key(), self.dead_letters.encode(envelope), [(TRACEPARENT, traceparent)])
+        )
+        outcome.dead_letters[error_class.value] += 1
+
+    async def close(self) -> None:
+        await self.opa.close()
+        await self.users.close()
+
+
+async def main_async() -> None:
+    settings = ProcessorSettings()
+    setup_logging(STAGE, settings.log_level)
+    store = SchemaStore.load()
+
+    async def build(waiter: DependencyWaiter) -> Processor:
+        return Processor(settings, waiter, store)
+
+    await serve(STAGE, settings, VALIDATED, build)
+
+
+def main() -> None:
+    run_main(STAGE, main_async)

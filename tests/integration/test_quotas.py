@@ -1,0 +1,49 @@
+"""Per-source Kafka client quotas: a flooding source is throttled, the others are not."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Producer
+
+from deploy.local import devca
+from deploy.local.stack import Stack
+from services.common.identity import load_identity
+from services.common.kafka import client_config
+from services.common.topics import RAW
+from tests.integration.kafka_helpers import QUIET
+
+BURST = 64
+RECORD = b"x" * 4096  # 256 KiB in all
+
+
+def max_throttle_ms(config: dict[str, object]) -> int:
+    """Produce a burst; the most the broker asked this client to wait, in milliseconds."""
+    throttles: list[int] = []
+
+    def on_stats(stats_json: str) -> None:
+        for broker in orjson.loads(stats_json)["brokers"].values():
+            throttles.append(broker["throttle"]["max"])
+
+    producer = Producer(
+        {**config, **QUIET, "statistics.interval.ms": 100, "stats_cb": on_stats, "linger.ms": 0}
+    )
+    for _ in range(BURST):
+        producer.produce(RAW, RECORD, b"quota-test")
+        producer.poll(0)
+    assert producer.flush(120) == 0
+    for _ in range(5):  # let at least one statistics report after the last response through
+        producer.poll(0.2)
+    return max(throttles, default=0)
+
+
+def test_flooding_source_is_throttled_without_slowing_others(stack: Stack, tmp_path: Path) -> None:
+    flood_id = f"spiffe://pipeline.local/source/flood-{uuid.uuid4().hex[:8]}"
+    directory = devca.write_identity(tmp_path, devca.load_or_create_ca(stack.root / "ca"), flood_id)
+    stack.set_client_quotas({flood_id: {"producer_byte_rate": 16 * 1024}})
+    flood = client_config(stack.kafka.bootstrap, load_identity(tmp_path, directory.name))
+
+    assert max_throttle_ms(flood) > 0
+    assert max_throttle_ms(stack.client_config("source-web")) == 0
