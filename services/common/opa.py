@@ -39,5 +39,16 @@ class OpaClient:
             raise DependencyUnavailable("opa", f"policy {policy} gave no decision list (is it loaded?)")
         return result
 
+    async def decide_distinct(
+        self, policy: str, fields: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> list[dict[str, Any]]:
+        """Decisions for records given as rows of `fields`, asking once per distinct row:
+        a batch of thousands of records usually holds a few dozen (source, event type)
+        combinations, and OPA's cost is per record it evaluates."""
+        unique = list(dict.fromkeys(rows))
+        answers = await self.decide(policy, [dict(zip(fields, row, strict=True)) for row in unique])
+        by_row = dict(zip(unique, answers, strict=True))
+        return [by_row[row] for row in rows]
+
     async def close(self) -> None:
         await self._client.aclose()

@@ -1,12 +1,12 @@
 """Consume-transform-produce in Kafka transactions: the spine of every Kafka-to-Kafka stage.
 
-One batch at a time: consume up to `batch_size` records, let the stage's transform turn
-them into output records (it may wait for OPA or PostgreSQL), then produce the outputs and
-the consumed offsets in one transaction. Consumers read committed data only, so a stage
+Per batch: consume up to `batch_size` records, let the stage's transform turn them into
+output records (it may wait for OPA or PostgreSQL), then produce the outputs and the
+consumed offsets in one transaction. Consumers read committed data only, so a stage
 killed at any moment leaves no duplicate and no gap downstream: an uncommitted batch is
 aborted by the broker (or by the next instance with the same transactional id) and read
-again. Only one batch is ever in flight: that bound is the backpressure, and what the
-stage cannot take yet waits in Kafka as consumer lag.
+again. At most two batches are in hand (one committing, one being transformed): that
+bound is the backpressure, and what the stage cannot take yet waits in Kafka as lag.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,16 @@ class BatchOutcome:
 
 
 Transform = Callable[[list[Message]], Awaitable[BatchOutcome]]
+
+
+@dataclass
+class InFlight:
+    """A transformed batch whose transaction is committing."""
+
+    batch: list[Message]
+    outcome: BatchOutcome
+    started: float
+    commit: asyncio.Task[bool]
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class TransactionalStage:
         )
         self.running = False
         self.assigned: list[TopicPartition] = []
+        self._idle = threading.Event()  # no transaction in flight
+        self._idle.set()
 
     async def run(self) -> None:
         name = self.config.name
@@ -96,6 +109,9 @@ class TransactionalStage:
         )
         self.running = True
         log.info("stage running", extra={"group": self.config.group_id, "topic": self.config.input_topic})
+        # While one batch's transaction commits (waiting on the broker), the next batch is
+        # consumed and transformed: the waits overlap the work instead of adding to it.
+        in_flight: InFlight | None = None
         try:
             while not self.stop.is_set():
                 messages = await asyncio.to_thread(
@@ -103,18 +119,36 @@ class TransactionalStage:
                 )
                 batch = [m for m in messages if self._usable(m)]
                 if not batch:
+                    in_flight = await self._settle(in_flight, [])
                     continue
                 started = time.monotonic()
                 try:
                     outcome = await self.transform(batch)
                 except Stopping:
                     break  # not committed: the batch is read again after restart
-                if await self._commit(batch, outcome):
-                    self._count(batch, outcome, time.monotonic() - started)
+                if in_flight is not None and await self._settle(in_flight, batch) is in_flight:
+                    continue  # the previous batch was aborted: both are read again
+                in_flight = InFlight(
+                    batch, outcome, started, asyncio.create_task(self._commit(batch, outcome))
+                )
         finally:
             self.running = False
+            if in_flight is not None:
+                await self._settle(in_flight, [])
             await asyncio.to_thread(self.consumer.close)
             log.info("stage stopped", extra={"stage": name})
+
+    async def _settle(self, in_flight: InFlight | None, next_batch: list[Message]) -> InFlight | None:
+        """Wait for the batch in flight to commit. Returns None once it has; if it was
+        aborted, rewinds to its start (and that of `next_batch`, read after it) and
+        returns it unchanged so the caller drops `next_batch` too."""
+        if in_flight is None:
+            return None
+        if await in_flight.commit:
+            self._count(in_flight.batch, in_flight.outcome, time.monotonic() - in_flight.started)
+            return None
+        self._rewind(in_flight.batch + next_batch)
+        return in_flight
 
     def _usable(self, message: Message) -> bool:
         error = message.error()
@@ -129,6 +163,7 @@ class TransactionalStage:
     async def _commit(self, batch: list[Message], outcome: BatchOutcome) -> bool:
         """Produce the outputs and the consumed offsets atomically; False if aborted."""
         offsets = _next_offsets(batch)
+        self._idle.clear()
         try:
             self.producer.begin_transaction()
             for record in outcome.records:
@@ -148,8 +183,9 @@ class TransactionalStage:
             log.warning("transaction aborted, batch will be read again", extra={"error": str(error)})
             metrics.TRANSACTIONS_ABORTED.labels(self.config.name).inc()
             await asyncio.to_thread(self.producer.abort_transaction, 60)
-            self._rewind(batch)
             return False
+        finally:
+            self._idle.set()
 
     async def _commit_transaction(self) -> None:
         while True:
@@ -197,6 +233,10 @@ class TransactionalStage:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Runs in the consume thread. Give partitions away only once the transaction in
+        # flight has settled, so their next owner starts from our final offsets.
+        if not self._idle.wait(120):
+            log.warning("revoking partitions with a transaction still in flight")
         self.assigned = []
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 

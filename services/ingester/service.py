@@ -7,6 +7,7 @@ ValidatedEvent. Every input record ends in exactly one of: validated, DLQ, dupli
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -28,6 +29,7 @@ from services.ingester.validation import DEFAULT_MAX_EVENT_BYTES, RawEvent, Reje
 
 STAGE = "ingester"
 INGEST_POLICY = "pipeline/ingest/decisions"
+EXPIRE_EVERY_S = 600  # how often ids older than the dedup window are forgotten
 
 
 class IngesterSettings(StageSettings):
@@ -43,6 +45,7 @@ class Ingester:
         self.dead_letters = AvroSerde(store, "pipeline.events.DeadLetter")
         self.opa = OpaClient(settings.opa_url)
         self.dedup = Dedup(settings.pg_dsn, timedelta(hours=settings.dedup_window_hours))
+        self.expired_at = time.monotonic()
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:
         outcome = BatchOutcome()
@@ -54,19 +57,11 @@ class Ingester:
             else:
                 events.append((message, checked))
 
+        # The ingest policy decides on the source and the event type alone.
         decisions = await self.waiter.call(
             "opa",
-            lambda: self.opa.decide(
-                INGEST_POLICY,
-                [
-                    {
-                        "event_id": e.event_id,
-                        "event_type": e.event_type,
-                        "source": e.source,
-                        "user_id": e.user_id,
-                    }
-                    for _, e in events
-                ],
+            lambda: self.opa.decide_distinct(
+                INGEST_POLICY, ("source", "event_type"), [(e.source, e.event_type) for _, e in events]
             ),
         )
         allowed = []
@@ -79,6 +74,9 @@ class Ingester:
                     outcome, message, ErrorClass.POLICY_DENIED, reason, (FieldError("source", reason),)
                 )
 
+        if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
+            await self.waiter.call("postgres", self.dedup.expire)
+            self.expired_at = time.monotonic()
         seen = await self.waiter.call(
             "postgres",
             lambda: self.dedup.classify([(e.event_id, m.partition(), m.offset()) for m, e in allowed]),

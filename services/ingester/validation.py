@@ -11,6 +11,7 @@ over the size limit is `oversized` before it is even parsed.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -57,9 +58,24 @@ def validate(value: bytes | None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> R
     if len(value) > max_bytes:
         return Rejection(ErrorClass.OVERSIZED, f"record is {len(value)} bytes, the limit is {max_bytes}")
     try:
-        return RawEvent.model_validate_json(value)
+        event = RawEvent.model_validate_json(value)
     except ValidationError as e:
         return _rejection(e)
+    # pydantic's parser takes NaN and Infinity, which are not JSON; a byte search keeps
+    # the walk through properties off the common path.
+    if (b"NaN" in value or b"Infinity" in value) and _has_non_finite(event.properties):
+        return Rejection(ErrorClass.PARSE_ERROR, "not JSON: NaN and Infinity are not JSON numbers")
+    return event
+
+
+def _has_non_finite(value: object) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def _rejection(error: ValidationError) -> Rejection:

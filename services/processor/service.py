@@ -56,22 +56,7 @@ class Processor:
         users = await self.waiter.call(
             "postgres", lambda: self.users.lookup({e["user_id"] for _, e in events})
         )
-        decisions = await self.waiter.call(
-            "opa",
-            lambda: self.opa.decide(
-                PROCESS_POLICY,
-                [
-                    {
-                        "event_id": e["event_id"],
-                        "event_type": e["event_type"],
-                        "source": e["source"],
-                        "user_id": e["user_id"],
-                        "user_is_test": users[e["user_id"]].is_test,
-                    }
-                    for _, e in events
-                ],
-            ),
-        )
+        decisions = await self.waiter.call("opa", lambda: self._rules(events, users))
 
         now = datetime.now(UTC)
         kept: list[tuple[Message, dict]] = []
@@ -92,6 +77,29 @@ class Processor:
                 OutputRecord(PROCESSED, record["user_id"].encode(), value, [(TRACEPARENT, traceparent)])
             )
         return outcome
+
+    async def _rules(self, events: list[tuple[Message, dict]], users: dict[str, User]) -> list[dict]:
+        """The business rules' verdict per event, asking OPA about each distinct case once.
+
+        The rules look at event type, source and whether the user is a test user; only
+        sampling also needs the event id. Without an id a sampled type comes back
+        "sampled_out", so exactly those events are asked about again with their ids.
+        """
+        fields = ("event_type", "source", "user_is_test")
+        cases = [(e["event_type"], e["source"], users[e["user_id"]].is_test) for _, e in events]
+        decisions = await self.opa.decide_distinct(PROCESS_POLICY, fields, cases)
+        sampled = [i for i, d in enumerate(decisions) if d.get("reason") == "sampled_out"]
+        if sampled:
+            exact = await self.opa.decide(
+                PROCESS_POLICY,
+                [
+                    {**dict(zip(fields, cases[i], strict=True)), "event_id": events[i][1]["event_id"]}
+                    for i in sampled
+                ],
+            )
+            for i, decision in zip(sampled, exact, strict=True):
+                decisions[i] = decision
+        return decisions
 
     def _encode(self, outcome: BatchOutcome, kept: list[tuple[Message, dict]]) -> list[bytes | None]:
         try:

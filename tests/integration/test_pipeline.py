@@ -6,10 +6,13 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
+import httpx
 import orjson
 import pytest
 
@@ -258,3 +261,59 @@ def test_opa_outage_makes_stages_wait_then_resume_without_loss(stack: Stack, pau
     assert not [d for d in dead.items if d["value"] in ours]
     reader.close()
     dead.close()
+
+
+def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
+    source = f"kiosk{uuid.uuid4().hex[:8]}"
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "click",
+        "user_id": "u00007",
+        "timestamp": "2026-11-26T14:03:07Z",
+        "properties": {"button": "buy"},
+        "source": source,
+    }
+    raw = orjson.dumps(event)
+    stats_before = json.loads(pipectl(stack, "dlq", "stats", "--json").stdout)
+
+    def keep(message):  # type: ignore[no-untyped-def]
+        try:
+            letter = DLQ_SERDE.decode(message.value())
+        except SerdeError:
+            return None
+        return (f"{message.partition()}:{message.offset()}", letter) if letter["value"] == raw else None
+
+    dead = TopicReader(stack, "pipeline.dlq", keep)
+    produce_all(stack, [(b"u00007", raw)])
+    [(entry_id, letter)] = dead.read_until(lambda items: len(items) == 1, 60, "the event dead-lettered")
+    assert (letter["error_class"], letter["message"]) == ("policy_denied", f'unknown source "{source}"')
+    stats = json.loads(pipectl(stack, "dlq", "stats", "--json").stdout)
+    assert stats["total"] == stats_before["total"] + 1
+    assert stats["by_class"]["policy_denied"] == stats_before["by_class"].get("policy_denied", 0) + 1
+
+    # The fix upstream: the new source is allowed to send clicks. Then replay the entry.
+    source_url = f"{stack.opa.url}/v1/data/pipeline/config/ingest/sources/{source}"
+    assert httpx.put(source_url, json={"event_types": ["click"]}).status_code == 204
+    try:
+        processed = processed_reader(stack, {event["event_id"]})
+        replay = pipectl(stack, "dlq", "replay", entry_id)
+        assert replay.returncode == 0, replay.stderr
+        counts = wait_for_all(processed, {event["event_id"]}, timeout=60)
+        assert counts == {event["event_id"]: 1}
+        assert processed.items[0]["source"] == source
+        processed.close()
+    finally:
+        httpx.delete(source_url)
+    dead.close()
+
+
+def pipectl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")} | stack.env()
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -23,7 +23,7 @@ GOOD = {
 
 def raw(**changes: object) -> bytes:
     event = {**GOOD, **changes}
-    return json.dumps({k: v for k, v in event.items() if v is not ...}).encode()
+    return json.dumps({k: v for k, v in event.items() if v is not ...}, separators=(",", ":")).encode()
 
 
 def test_valid_event_parses_with_its_offset() -> None:
@@ -95,3 +95,11 @@ def test_oversized_is_decided_before_parsing() -> None:
     assert result.error_class is ErrorClass.OVERSIZED
     assert str(len(value)) in result.message
     assert isinstance(validate(value, max_bytes=len(value)), RawEvent)
+
+
+def test_json_constants_that_are_not_json_are_parse_errors() -> None:
+    result = validate(raw(properties={"n": 1}).replace(b'"n":1', b'"n":NaN'))
+    assert isinstance(result, Rejection) and result.error_class is ErrorClass.PARSE_ERROR
+    digits = b"1" * 25  # takes the exact-integer parser, which must be strict too
+    result = validate(raw(properties={"n": 1}).replace(b'"n":1', b'"n":Infinity,"m":' + digits))
+    assert isinstance(result, Rejection) and result.error_class is ErrorClass.PARSE_ERROR

@@ -1,0 +1,61 @@
+"""Dedup against the real PostgreSQL: new, replay (same position) and duplicate, and the window."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import asyncpg
+
+from deploy.local.stack import Stack
+from services.ingester.dedup import Dedup, Seen
+
+
+def test_replay_at_the_same_position_is_not_a_duplicate(stack: Stack) -> None:
+    a, b = f"a-{uuid.uuid4()}", f"b-{uuid.uuid4()}"
+
+    async def scenario() -> list[list[Seen]]:
+        dedup = Dedup(stack.pg_dsn, timedelta(hours=24))
+        try:
+            first = await dedup.classify([(a, 0, 10), (b, 0, 11), (a, 0, 12)])
+            # After a crash the same records are read again from the same positions...
+            again = await dedup.classify([(a, 0, 10), (b, 0, 11), (a, 0, 12)])
+            # ...while a source re-sending `a` puts it at a new position.
+            resent = await dedup.classify([(a, 3, 99)])
+            return [first, again, resent]
+        finally:
+            await dedup.close()
+
+    first, again, resent = asyncio.run(scenario())
+    assert first == [Seen.NEW, Seen.NEW, Seen.DUPLICATE]
+    assert again == [Seen.REPLAY, Seen.REPLAY, Seen.DUPLICATE]
+    assert resent == [Seen.DUPLICATE]
+
+
+def test_an_id_older_than_the_window_counts_as_new(stack: Stack) -> None:
+    old = f"old-{uuid.uuid4()}"
+
+    async def scenario() -> tuple[Seen, int, Seen]:
+        dedup = Dedup(stack.pg_dsn, timedelta(hours=1))
+        conn = await asyncpg.connect(stack.pg_dsn)
+        try:
+            await dedup.classify([(old, 1, 1)])
+            await conn.execute(
+                "UPDATE ingest_dedup SET first_seen = now() - interval '2 hours' WHERE event_id = $1", old
+            )
+            [seen] = await dedup.classify([(old, 2, 2)])  # outside the window: new again
+            await conn.execute(
+                "UPDATE ingest_dedup SET first_seen = now() - interval '2 hours' WHERE event_id = $1", old
+            )
+            expired = await dedup.expire()
+            [after] = await dedup.classify([(old, 5, 5)])
+            return seen, expired, after
+        finally:
+            await conn.close()
+            await dedup.close()
+
+    seen, expired, after = asyncio.run(scenario())
+    assert seen is Seen.NEW
+    assert expired >= 1
+    assert after is Seen.NEW
