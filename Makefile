@@ -9,18 +9,25 @@ PIPELINE_CACHE ?= $(HOME)/.cache/pipeline
 OPA_BIN := $(PIPELINE_CACHE)/opa-$(OPA_VERSION)/opa
 KAFKA_JAR := deploy/local/target/spiffe-principal.jar
 JAVA_SOURCES := $(shell find deploy/local/src/main -name '*.java')
+# Elasticsearch's integ-test-zip from Maven Central, unpacked by deploy/local/elasticsearch/pom.xml
+# (keep the version in step with it and with deploy/local/search_server.py).
+ES_VERSION := 8.19.21
+ES_UNPACKED := deploy/local/elasticsearch/target/elasticsearch-$(ES_VERSION)/.unpacked
+# S3Proxy and its runtime classpath (deploy/local/s3/pom.xml), kept apart from Kafka's jars.
+S3_LIB := deploy/local/s3/target/lib/.complete
 export PIPELINE_CACHE
 
-.PHONY: help deps system-deps up down clean status test test-unit test-opa test-java test-integration lint
+.PHONY: help deps system-deps up down clean status test test-unit test-opa test-java test-integration lint bench
 
 help:
 	@echo "make up      start the native stack (Kafka mTLS+OPA, OPA, PostgreSQL) in .stack/"
 	@echo "make down    stop it;  make clean  stop it and wipe .stack/"
 	@echo "make status  health of each component"
 	@echo "make test    lint, unit, Rego, Java and integration tests (own stack on free ports)"
+	@echo "make bench   end-to-end benchmark on its own stack; BENCH_ARGS=\"--events 50000\" (see scripts/bench.py)"
 
 # Everything the stack and the tests need, installed once and reused afterwards.
-deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN)
+deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN) $(ES_UNPACKED) $(S3_LIB)
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -32,6 +39,19 @@ $(VENV)/.installed: pyproject.toml
 
 $(KAFKA_JAR): deploy/local/pom.xml $(JAVA_SOURCES)
 	cd deploy/local && mvn -B -q -DskipTests package
+	@touch $@
+
+# The zip (~100 MiB) is fetched once into ~/.m2 and unpacked; afterwards this is a no-op.
+$(ES_UNPACKED): deploy/local/elasticsearch/pom.xml
+	cd deploy/local/elasticsearch && mvn -B -q package
+	@test -x $(dir $@)bin/elasticsearch
+	@touch $@
+
+# Fetched once into ~/.m2; lib/ is rebuilt from scratch so a version change leaves no stale jar.
+$(S3_LIB): deploy/local/s3/pom.xml
+	rm -rf deploy/local/s3/target/lib
+	cd deploy/local/s3 && mvn -B -q package
+	@ls deploy/local/s3/target/lib/s3proxy-*.jar >/dev/null
 	@touch $@
 
 # OPA from its Go module, pinned; `go install` builds it into our cache (a few minutes, once).
@@ -67,3 +87,9 @@ test-integration: deps
 
 test: deps lint test-opa test-java
 	$(PY) -m pytest tests -q
+
+# A benchmark, not a test: its own stack on free ports, ~5 minutes on 2 cores by default;
+# results in bench/results/<UTC timestamp>.{json,png}. Options: make bench BENCH_ARGS="--help".
+BENCH_ARGS ?=
+bench: deps
+	$(PY) -m scripts.bench $(BENCH_ARGS)

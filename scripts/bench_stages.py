@@ -1,49 +1,50 @@
-"""Per-stage throughput on a stack of its own: `python scripts/bench_stages.py --events 100000`.
+"""Per-stage throughput on a stack of its own: `python -m scripts.bench_stages --events 100000`.
 
-Loads pipeline.raw with generated events while the stages are stopped, then runs each
-stage alone over the backlog and reports events/s (first to last record in) and the CPU
+Loads pipeline.raw with generated events while the services are stopped, then runs each
+service alone over the backlog (ingester, then processor, then storage with its four
+sinks side by side) and reports events/s from its first to its last record and the CPU
 seconds its process used per 100,000 events. A benchmark, not a test: nothing asserts.
+`make bench` (scripts/bench.py) measures the stages running together, end to end.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from deploy.local.stack import Stack, free_ports
+from deploy.local.stack import Stack
+from scripts.benchlib import SINKS, cpu_seconds, exit_on_signals, isolated_stack, metric, produce, table
 from services.cli.generate import generate_events
-from tests.integration.pipeline_helpers import metric, produce_all
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def run_stage(stack: Stack, name: str, expected: int) -> dict[str, float]:
-    stack.start_service(name)
-    pid = stack.services[name].process.pid
+def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: int) -> list[dict[str, float]]:
+    """Start `service` and time each of its stages from first record in to `expected` in."""
+    stack.start_service(service)
+    pid = stack.services[service].process.pid
     assert pid is not None
-    first = None
-    while True:
-        done = metric(stack, name, "pipeline_records_in_total")
-        if done and first is None:
-            first, cpu_first = time.monotonic(), cpu_seconds(pid)
-        if done >= expected:
-            break
+    first: float | None = None
+    cpu_first = 0.0
+    done_at: dict[str, float] = {}
+    while len(done_at) < len(stages):
+        for stage in stages:
+            seen = metric(stack, service, "pipeline_records_in_total", stage=stage)
+            if seen and first is None:
+                first, cpu_first = time.monotonic(), cpu_seconds(pid)
+            if seen >= expected and stage not in done_at:
+                done_at[stage] = time.monotonic()
         time.sleep(0.05)
-    elapsed, cpu = time.monotonic() - first, cpu_seconds(pid) - cpu_first  # type: ignore[operator]
-    return {
-        "events": expected,
-        "seconds": elapsed,
-        "events_per_s": expected / elapsed,
-        "cpu_s_per_100k": cpu / expected * 100_000,
-    }
+    cpu = cpu_seconds(pid) - cpu_first
+    assert first is not None
+    return [
+        {
+            "stage": stage,
+            "events": expected,
+            "seconds": done_at[stage] - first,
+            "events_per_s": expected / (done_at[stage] - first),
+            "cpu_s_per_100k": cpu / expected * 100_000,
+        }
+        for stage in stages
+    ]
 
 
 def main() -> None:
@@ -51,28 +52,35 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=2000)
     args = parser.parse_args()
-    os.environ["PIPELINE_BATCH_SIZE"] = str(args.batch_size)
-    root = Path(tempfile.mkdtemp(prefix="bench-stages-"))
-    stack = Stack(root, ports=free_ports(), authz_cache_seconds=60)
-    try:
-        stack.up(log=lambda line: None)
+    exit_on_signals()
+    service_env = {"PIPELINE_BATCH_SIZE": str(args.batch_size), "PIPELINE_LAKE_FLUSH_SECONDS": "5"}
+    with isolated_stack("bench-stages-", service_env) as stack:
         for service in stack.services.values():
             service.process.stop()
         events = list(generate_events(args.events, seed=1))
-        t = time.monotonic()
-        produce_all(stack, ((e.key, e.value) for e in events))
-        print(f"produced {len(events)} events in {time.monotonic() - t:.1f}s")
-        ingester = run_stage(stack, "ingester", len(events))
+        produced = produce(stack, [(e.key, e.value) for e in events])
+        print(f"produced {produced.count} events in {produced.finished - produced.started:.1f}s")
+        results = run_service(stack, "ingester", ("ingester",), len(events))
         validated = int(metric(stack, "ingester", "pipeline_records_out_total", topic="pipeline.validated"))
-        processor = run_stage(stack, "processor", validated)
-        print(f"{'stage':<10} {'events':>8} {'seconds':>8} {'events/s':>9} {'CPU s/100k':>10}")
-        for name, r in (("ingester", ingester), ("processor", processor)):
-            print(
-                f"{name:<10} {r['events']:>8} {r['seconds']:>8.2f} {r['events_per_s']:>9.0f} {r['cpu_s_per_100k']:>10.2f}"
+        results += run_service(stack, "processor", ("processor",), validated)
+        processed = int(metric(stack, "processor", "pipeline_records_out_total", topic="pipeline.processed"))
+        results += run_service(stack, "storage", SINKS, processed)
+        print(
+            table(
+                ("stage", "events", "seconds", "events/s", "CPU s/100k"),
+                [
+                    (
+                        r["stage"],
+                        int(r["events"]),
+                        r["seconds"],
+                        round(r["events_per_s"]),
+                        r["cpu_s_per_100k"],
+                    )
+                    for r in results
+                ],
             )
-    finally:
-        stack.down(log=lambda line: None)
-        shutil.rmtree(root, ignore_errors=True)
+        )
+        print("(storage: the four sinks run side by side in one process; CPU is the process's)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from deploy.local import devca
 from deploy.local.components import KafkaBroker, OpaServer, PipelineService, PostgresServer
 from deploy.local.processes import ManagedProcess, StackError
+from deploy.local.s3server import S3Server
+from deploy.local.search_server import SearchServer
 from services.common.identity import X509Identity, identity_name, load_identity
 from services.common.kafka import client_config
 from services.common.topics import TOPICS
@@ -61,11 +63,15 @@ DEFAULT_PORTS = {
     "controller": 19093,
     "opa": 18181,
     "postgres": 15432,
+    "s3": 19000,
+    "elasticsearch": 19200,
     "ingester": 18081,
     "processor": 18082,
+    "storage": 18083,
 }
 # The pipeline's services, in start order, with the identity each runs as.
-SERVICES = {"ingester": "service-ingester", "processor": "service-processor"}
+SERVICES = {"ingester": "service-ingester", "processor": "service-processor", "storage": "service-storage"}
+LAKE_BUCKET = "pipeline-lake"
 DEFAULT_AUTHZ_CACHE_SECONDS = 10
 # Kafka client quota per source identity (bytes/s produced), so one flooding source is
 # throttled by the broker without slowing the others. Override: PIPELINE_SOURCE_PRODUCER_BYTE_RATE.
@@ -79,6 +85,8 @@ class StackState:
     pg_superuser_password: str
     pg_password: str
     authz_cache_seconds: int
+    s3_access_key: str = field(default_factory=lambda: f"pipeline-{secrets.token_hex(6)}")
+    s3_secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
 
 
 class Stack:
@@ -87,7 +95,9 @@ class Stack:
         root: Path = DEFAULT_ROOT,
         ports: dict[str, int] | None = None,
         authz_cache_seconds: int = DEFAULT_AUTHZ_CACHE_SECONDS,
+        service_env: dict[str, str] | None = None,
     ):
+        """service_env: extra PIPELINE_* settings for the pipeline's services (tests)."""
         self.root = root.resolve()
         self.state_file = self.root / "stack.json"
         self.env_file = self.root / "env"
@@ -97,6 +107,9 @@ class Stack:
         self.opa = OpaServer(self.root, p["opa"])
         self.postgres = PostgresServer(self.root, p["postgres"])
         self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
+        self.s3 = S3Server(self.root, p["s3"], self.state.s3_access_key, self.state.s3_secret_key)
+        self.search = SearchServer(self.root, p["elasticsearch"])
+        self.service_env = {"PIPELINE_LAKE_FLUSH_SECONDS": "10", **(service_env or {})}
         self.services = {name: PipelineService(self.root, name, p[name]) for name in SERVICES}
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -130,6 +143,10 @@ class Stack:
         created = self.create_topics()
         if created:
             log(f"kafka: created topics {', '.join(created)}")
+        self._ensure(self.s3.process, self.s3.healthy, self.s3.start, log)
+        if self.s3.ensure_bucket(LAKE_BUCKET):
+            log(f"s3: created bucket {LAKE_BUCKET}")
+        self._ensure(self.search.process, self.search.healthy, self.search.start, log)
         if self.apply_source_quotas():
             log(f"kafka: source quotas set to {self.source_byte_rate} bytes/s each")
         self.write_env()
@@ -139,7 +156,14 @@ class Stack:
 
     def down(self, log=print) -> None:  # type: ignore[no-untyped-def]
         processes = [s.process for s in reversed(self.services.values())]
-        for process in [*processes, self.kafka.process, self.postgres.process, self.opa.process]:
+        servers = [
+            self.search.process,
+            self.s3.process,
+            self.kafka.process,
+            self.postgres.process,
+            self.opa.process,
+        ]
+        for process in [*processes, *servers]:
             if process.running():
                 process.stop()
                 log(f"{process.name}: stopped")
@@ -151,7 +175,7 @@ class Stack:
 
     def start_service(self, name: str) -> None:
         """Start one pipeline service with its identity (also used to restart after a kill)."""
-        self.services[name].start({**self.env(), "PIPELINE_IDENTITY": SERVICES[name]})
+        self.services[name].start({**self.env(), **self.service_env, "PIPELINE_IDENTITY": SERVICES[name]})
 
     @staticmethod
     def _ensure(
@@ -282,10 +306,11 @@ class Stack:
 
     def _load_or_create_state(self, ports: dict[str, int], authz_cache_seconds: int) -> StackState:
         if self.state_file.exists():
-            state = StackState(**json.loads(self.state_file.read_text()))
-            # A stack made by an older version lacks newer components' ports.
+            saved = json.loads(self.state_file.read_text())
+            state = StackState(**saved)
+            # A stack made by an older version lacks newer components' ports and secrets.
             missing = {k: v for k, v in ports.items() if k not in state.ports}
-            if missing:
+            if missing or set(asdict(state)) != set(saved):
                 state.ports.update(missing)
                 self._save_state(state)
             return state
@@ -312,6 +337,13 @@ class Stack:
             "PIPELINE_OPA_URL": self.opa.url,
             "PIPELINE_PG_DSN": self.pg_dsn,
             "PIPELINE_IDENTITY_DIR": str(self.identity_dir),
+            "PIPELINE_S3_ENDPOINT": self.s3.endpoint,
+            "PIPELINE_S3_BUCKET": LAKE_BUCKET,
+            "PIPELINE_S3_ACCESS_KEY": self.state.s3_access_key,
+            "PIPELINE_S3_SECRET_KEY": self.state.s3_secret_key,
+            "PIPELINE_ES_URL": self.search.url,
+            # Where each service answers /healthz, /readyz and /metrics (pipectl status).
+            **{f"PIPELINE_{name.upper()}_URL": service.url for name, service in self.services.items()},
         }
 
     def write_env(self) -> None:
@@ -326,6 +358,8 @@ class Stack:
             ("opa", self.opa.process, self.opa.healthy, self.opa.url),
             ("postgres", self.postgres.process, self.postgres.healthy, f"127.0.0.1:{self.postgres.port}"),
             ("kafka", self.kafka.process, self.kafka_healthy, f"{self.kafka.bootstrap} (mTLS)"),
+            ("s3", self.s3.process, self.s3.healthy, self.s3.endpoint),
+            ("elasticsearch", self.search.process, self.search.healthy, self.search.url),
             *((s.name, s.process, s.ready, s.url) for s in self.services.values()),
         ):
             pid = process.pid

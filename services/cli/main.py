@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
-from services.cli import dlq, produce
+from services.cli import dlq, produce, status
 from services.cli.settings import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
     dlq.add_parser(commands)
+    status.add_parser(commands)
     return parser
 
 
@@ -160,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return produce.run(args, settings)
         if args.command == "dlq":
             return dlq.run(args, settings)
+        if args.command == "status":
+            return status.run(args)
         rows = topic_offsets(settings)
     except UsageError as e:
         print(f"pipectl {args.command}: {e}", file=sys.stderr)

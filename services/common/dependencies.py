@@ -9,23 +9,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import asyncpg
-
 from services.common.metrics import DEPENDENCY_UP
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# What asyncpg raises when the server is unreachable, restarting or gone mid-query.
-PG_UNAVAILABLE = (
-    OSError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.InterfaceError,
-)
 
 
 class DependencyUnavailable(Exception):

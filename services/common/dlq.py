@@ -8,6 +8,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
 
+from confluent_kafka import Message
+
+from services.common.avro import AvroSerde, SchemaStore
+from services.common.stage import OutputRecord
+from services.common.topics import DLQ
+from services.common.tracing import TRACEPARENT, continue_trace
+
 DEAD_LETTER_SCHEMA = "pipeline.events.DeadLetter"
 
 # The envelope holds the original bytes already; an unbounded message (e.g. an exception
@@ -85,3 +92,31 @@ def dead_letter(
         "service_version": SERVICE_VERSION,
         "trace_id": trace_id,
     }
+
+
+class DeadLetters:
+    """Turns a failed Kafka record into its DeadLetter record for pipeline.dlq."""
+
+    def __init__(self, store: SchemaStore, stage: str):
+        self.serde = AvroSerde(store, DEAD_LETTER_SCHEMA)
+        self.stage = stage
+
+    def record(
+        self, message: Message, error_class: ErrorClass, reason: str, details: Sequence[FieldError] = ()
+    ) -> OutputRecord:
+        headers = message.headers() or []
+        trace_id, traceparent = continue_trace(headers)
+        envelope = dead_letter(
+            topic=message.topic() or "",
+            partition=message.partition(),
+            offset=message.offset(),
+            key=message.key(),
+            value=message.value(),
+            headers=headers,
+            stage=self.stage,
+            error_class=error_class,
+            message=reason,
+            details=details,
+            trace_id=trace_id,
+        )
+        return OutputRecord(DLQ, message.key(), self.serde.encode(envelope), [(TRACEPARENT, traceparent)])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from services.common.identity import X509Identity
 
@@ -23,3 +29,37 @@ def client_config(bootstrap: str, identity: X509Identity, **overrides: Any) -> d
     }
     config.update(overrides)
     return config
+
+
+@asynccontextmanager
+async def consumer_kept_alive(consumer: Consumer, interval_s: float = 1.0) -> AsyncIterator[None]:
+    """While the body waits (a store or OPA away), keep serving the consumer's callbacks:
+    its statistics (the lag metric) and rebalances, without fetching more. Partitions are
+    paused after `interval_s`, so a body that returns quickly costs nothing."""
+    task = asyncio.create_task(_serve_paused(consumer, interval_s))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _serve_paused(consumer: Consumer, interval_s: float) -> None:
+    await asyncio.sleep(interval_s)
+    paused = consumer.assignment()
+    consumer.pause(paused)
+    try:
+        while True:
+            # In a worker thread: rebalance callbacks may block (see the stage's on_revoke).
+            message = await asyncio.to_thread(consumer.poll, 0)
+            if message is not None and message.error() is None:
+                # A partition assigned during this poll was not paused: put the record back.
+                back = TopicPartition(message.topic(), message.partition(), message.offset())
+                consumer.seek(back)
+                consumer.pause([back])
+                paused.append(back)
+            await asyncio.sleep(interval_s)
+    finally:
+        with contextlib.suppress(KafkaException):
+            consumer.resume(paused)

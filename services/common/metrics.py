@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -37,12 +39,24 @@ TRANSACTIONS_ABORTED = Counter(
 )
 
 
-def record_consumer_lag(stats_json: str) -> None:
-    """librdkafka statistics callback: export each assigned partition's consumer lag."""
+def consumer_lag_callback(group: str) -> Callable[[str], None]:
+    """A librdkafka statistics callback exporting the group's lag per assigned partition
+    (the statistics do not name the group, hence one callback per consumer)."""
+    return lambda stats_json: record_consumer_lag(group, stats_json)
+
+
+def record_consumer_lag(group: str, stats_json: str) -> None:
     stats = orjson.loads(stats_json)
-    group = stats.get("name", "")
     for topic, t in stats.get("topics", {}).items():
         for partition, p in t.get("partitions", {}).items():
+            if partition == "-1":
+                continue
             lag = p.get("consumer_lag", -1)
-            if partition != "-1" and lag >= 0:
+            if lag < 0 and p.get("committed_offset", -1) < 0 <= p.get("lo_offset", -1) <= p.get(
+                "ls_offset", -1
+            ):
+                # Nothing committed yet (a new group): everything since the start is behind,
+                # as our groups start from the earliest offset.
+                lag = p["ls_offset"] - p["lo_offset"]
+            if lag >= 0:
                 CONSUMER_LAG.labels(group, topic, partition).set(lag)

@@ -8,16 +8,18 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaException, Message
 from pydantic import ValidationError
 
+from services.common.avro import SchemaStore
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.health import HealthServer
 from services.common.identity import IdentityError
 from services.common.kafka import client_config
+from services.common.logs import setup_logging
 from services.common.stage import BatchOutcome, StageConfig, TransactionalStage
 
 log = logging.getLogger(__name__)
@@ -29,17 +31,74 @@ class Worker(Protocol):
     async def close(self) -> None: ...
 
 
+class Loop(Protocol):
+    running: bool
+
+    async def run(self) -> None: ...
+
+
+class Supervised:
+    """Runs a consume loop; on a fatal Kafka client error (fenced, or the broker denying our
+    transactional id while OPA is away) starts a fresh one, as a process restart would.
+    The uncommitted batch is read again."""
+
+    def __init__(self, name: str, make: Callable[[], Loop], waiter: DependencyWaiter, stop: asyncio.Event):
+        self.name, self.make, self.waiter, self.stop = name, make, waiter, stop
+        self.current: Loop | None = None
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            self.current = self.make()
+            try:
+                await self.current.run()
+            except KafkaException as e:
+                log.error("kafka clients failed, restarting", extra={"loop": self.name, "error": str(e)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), RESTART_DELAY_S)
+
+    def ready(self) -> tuple[bool, str]:
+        if self.current is None or not self.current.running:
+            return False, f"{self.name}: starting"
+        if self.waiter.waiting_for:
+            return False, f"{self.name}: waiting for {self.waiter.waiting_for}"
+        return True, f"{self.name}: ready"
+
+
+def stop_on_signals() -> asyncio.Event:
+    """Set on SIGTERM/SIGINT: loops finish the batch in hand, then leave."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_supervised(
+    settings: StageSettings, loops: list[Supervised], close: Callable[[], Awaitable[None]]
+) -> None:
+    """Run the loops side by side behind one /healthz, /readyz, /metrics server."""
+
+    def ready() -> tuple[bool, str]:
+        states = [loop.ready() for loop in loops]
+        return all(ok for ok, _ in states), "\n".join(why for _, why in states)
+
+    health = HealthServer(settings.http_host, settings.http_port, ready)
+    await health.start()
+    try:
+        await asyncio.gather(*(loop.run() for loop in loops))
+    finally:
+        await close()
+        await health.close()
+
+
 async def serve(
     name: str,
     settings: StageSettings,
     input_topic: str,
     build: Callable[[DependencyWaiter], Awaitable[Worker]],
 ) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)  # graceful: finish the batch in hand, then leave
-
+    """Run a Kafka-to-Kafka stage (group pipeline-<name>) as a service."""
+    stop = stop_on_signals()
     waiter = DependencyWaiter(name, stop)
     worker = await build(waiter)
     config = StageConfig(
@@ -51,32 +110,8 @@ async def serve(
         batch_timeout_s=settings.batch_timeout_ms / 1000,
     )
     kafka = client_config(settings.kafka_bootstrap, settings.load_identity())
-    current: list[TransactionalStage] = []
-
-    def ready() -> tuple[bool, str]:
-        if not current or not current[0].running:
-            return False, "starting"
-        if waiter.waiting_for:
-            return False, f"waiting for {waiter.waiting_for}"
-        return True, "ready"
-
-    health = HealthServer(settings.http_host, settings.http_port, ready)
-    await health.start()
-    try:
-        while not stop.is_set():
-            current[:] = [TransactionalStage(config, kafka, worker.transform, stop)]
-            try:
-                await current[0].run()
-            except KafkaException as e:
-                # A fatal client error (fenced, or the broker denying our transactional id
-                # while OPA is away): start over with fresh clients, as a restart would. The
-                # uncommitted batch is aborted and read again.
-                log.error("kafka clients failed, restarting the stage", extra={"error": str(e)})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
-    finally:
-        await worker.close()
-        await health.close()
+    stage = Supervised(name, lambda: TransactionalStage(config, kafka, worker.transform, stop), waiter, stop)
+    await run_supervised(settings, [stage], worker.close)
 
 
 def run_main(name: str, main_async: Callable[[], Awaitable[None]]) -> None:
@@ -91,3 +126,24 @@ def run_main(name: str, main_async: Callable[[], Awaitable[None]]) -> None:
         log.exception("%s crashed", name)
         logging.shutdown()
         sys.exit(1)
+
+
+def stage_main(
+    name: str,
+    settings_type: type[StageSettings],
+    input_topic: str,
+    worker: Callable[[Any, DependencyWaiter, SchemaStore], Worker],
+) -> None:
+    """`main` of a Kafka-to-Kafka stage service: settings, logs, schemas, then serve()."""
+
+    async def main_async() -> None:
+        settings = settings_type()
+        setup_logging(name, settings.log_level)
+        store = SchemaStore.load()
+
+        async def build(waiter: DependencyWaiter) -> Worker:
+            return worker(settings, waiter, store)
+
+        await serve(name, settings, input_topic, build)
+
+    run_main(name, main_async)

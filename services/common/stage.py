@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from services.common import metrics
 from services.common.dependencies import Stopping
+from services.common.kafka import consumer_kept_alive
 from services.common.topics import DLQ_RECORD_BYTES
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,17 @@ class TransactionalStage:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "statistics.interval.ms": 5000,
-                "stats_cb": metrics.record_consumer_lag,
+                "stats_cb": metrics.consumer_lag_callback(config.group_id),
             }
         )
         self.producer = Producer(
             {
                 **kafka,
                 "transactional.id": config.transactional_id,
+                # Back-to-back transactions often get "busy, retry" from the coordinator;
+                # librdkafka's 100 ms default backoff then dominates (measured: worst runs
+                # 38k -> 70k records/s with 10 ms).
+                "retry.backoff.ms": 10,
                 "linger.ms": 5,
                 "compression.type": "lz4",
                 "message.max.bytes": DLQ_RECORD_BYTES + 64 * 1024,
@@ -123,7 +128,8 @@ class TransactionalStage:
                     continue
                 started = time.monotonic()
                 try:
-                    outcome = await self.transform(batch)
+                    async with consumer_kept_alive(self.consumer):
+                        outcome = await self.transform(batch)
                 except Stopping:
                     break  # not committed: the batch is read again after restart
                 if in_flight is not None and await self._settle(in_flight, batch) is in_flight:

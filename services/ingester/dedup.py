@@ -12,9 +12,7 @@ from __future__ import annotations
 import enum
 from datetime import timedelta
 
-import asyncpg
-
-from services.common.dependencies import PG_UNAVAILABLE, DependencyUnavailable
+from services.common.postgres import Database
 
 
 class Seen(enum.Enum):
@@ -46,8 +44,7 @@ LEFT JOIN ingest_dedup d USING (event_id)
 
 class Dedup:
     def __init__(self, dsn: str, window: timedelta):
-        self.dsn, self.window = dsn, window
-        self._pool: asyncpg.Pool | None = None
+        self.db, self.window = Database(dsn), window
 
     async def classify(self, records: list[tuple[str, int, int]]) -> list[Seen]:
         """(event_id, raw partition, raw offset) in batch order -> how each was seen."""
@@ -55,17 +52,9 @@ class Dedup:
         for i, (event_id, _, _) in enumerate(records):
             first_index.setdefault(event_id, i)
         unique = [records[i] for i in first_index.values()]
-        try:
-            pool = await self._get_pool()
-            rows = await pool.fetch(
-                CLASSIFY,
-                [r[0] for r in unique],
-                [r[1] for r in unique],
-                [r[2] for r in unique],
-                self.window,
-            )
-        except PG_UNAVAILABLE as e:
-            raise DependencyUnavailable("postgres", f"{type(e).__name__}: {e}") from e
+        rows = await self.db.fetch(
+            CLASSIFY, [r[0] for r in unique], [r[1] for r in unique], [r[2] for r in unique], self.window
+        )
         by_id = {row["event_id"]: row for row in rows}
         outcomes = []
         for i, (event_id, partition, offset) in enumerate(records):
@@ -82,20 +71,10 @@ class Dedup:
 
     async def expire(self) -> int:
         """Forget ids older than the window; returns how many."""
-        try:
-            pool = await self._get_pool()
-            status = await pool.execute(
-                "DELETE FROM ingest_dedup WHERE first_seen < now() - $1::interval", self.window
-            )
-        except PG_UNAVAILABLE as e:
-            raise DependencyUnavailable("postgres", str(e)) from e
+        status = await self.db.execute(
+            "DELETE FROM ingest_dedup WHERE first_seen < now() - $1::interval", self.window
+        )
         return int(status.split()[-1])
 
-    async def _get_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
-        return self._pool
-
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        await self.db.close()

@@ -17,12 +17,11 @@ from pydantic import Field
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
-from services.common.dlq import ErrorClass, FieldError, dead_letter
-from services.common.logs import setup_logging
+from services.common.dlq import DeadLetters, ErrorClass, FieldError
 from services.common.opa import OpaClient
-from services.common.service import run_main, serve
+from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
-from services.common.topics import DLQ, RAW, VALIDATED
+from services.common.topics import RAW, VALIDATED
 from services.common.tracing import TRACEPARENT, continue_trace
 from services.ingester.dedup import Dedup, Seen
 from services.ingester.validation import DEFAULT_MAX_EVENT_BYTES, RawEvent, Rejection, validate
@@ -42,7 +41,7 @@ class Ingester:
         self.settings, self.waiter = settings, waiter
         self.validated = AvroSerde(store, "pipeline.events.ValidatedEvent")
         self.version = store.latest("pipeline.events.ValidatedEvent").version
-        self.dead_letters = AvroSerde(store, "pipeline.events.DeadLetter")
+        self.dead_letters = DeadLetters(store, STAGE)
         self.opa = OpaClient(settings.opa_url)
         self.dedup = Dedup(settings.pg_dsn, timedelta(hours=settings.dedup_window_hours))
         self.expired_at = time.monotonic()
@@ -116,24 +115,7 @@ class Ingester:
         reason: str,
         details: tuple[FieldError, ...] = (),
     ) -> None:
-        headers = message.headers() or []
-        trace_id, traceparent = continue_trace(headers)
-        envelope = dead_letter(
-            topic=message.topic() or RAW,
-            partition=message.partition(),
-            offset=message.offset(),
-            key=message.key(),
-            value=message.value(),
-            headers=headers,
-            stage=STAGE,
-            error_class=error_class,
-            message=reason,
-            details=details,
-            trace_id=trace_id,
-        )
-        outcome.records.append(
-            OutputRecord(DLQ, message.key(), self.dead_letters.encode(envelope), [(TRACEPARENT, traceparent)])
-        )
+        outcome.records.append(self.dead_letters.record(message, error_class, reason, details))
         outcome.dead_letters[error_class.value] += 1
 
     async def close(self) -> None:
@@ -150,16 +132,5 @@ def _json_text(value: object) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-async def main_async() -> None:
-    settings = IngesterSettings()
-    setup_logging(STAGE, settings.log_level)
-    store = SchemaStore.load()
-
-    async def build(waiter: DependencyWaiter) -> Ingester:
-        return Ingester(settings, waiter, store)
-
-    await serve(STAGE, settings, RAW, build)
-
-
 def main() -> None:
-    run_main(STAGE, main_async)
+    stage_main(STAGE, IngesterSettings, RAW, Ingester)

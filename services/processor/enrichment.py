@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from services.common.dependencies import PG_UNAVAILABLE, DependencyUnavailable
+from services.common.postgres import Database
 
 UNKNOWN_TIER = "free"
 
@@ -26,9 +26,8 @@ UNKNOWN = User(name=None, tier=UNKNOWN_TIER, is_test=False, known=False)
 
 class UserDirectory:
     def __init__(self, dsn: str, ttl_s: float = 300.0, max_entries: int = 200_000):
-        self.dsn, self.ttl_s, self.max_entries = dsn, ttl_s, max_entries
+        self.db, self.ttl_s, self.max_entries = Database(dsn), ttl_s, max_entries
         self._cache: dict[str, tuple[float, User]] = {}
-        self._pool: asyncpg.Pool | None = None
         self.queries = 0  # round trips to PostgreSQL, for tests and metrics
 
     async def lookup(self, user_ids: set[str]) -> dict[str, User]:
@@ -54,17 +53,11 @@ class UserDirectory:
         return found
 
     async def _fetch(self, user_ids: list[str]) -> dict[str, asyncpg.Record]:
-        try:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
-            rows = await self._pool.fetch(
-                "SELECT id, name, tier, is_test FROM users WHERE id = ANY($1::text[])", user_ids
-            )
-        except PG_UNAVAILABLE as e:
-            raise DependencyUnavailable("postgres", f"{type(e).__name__}: {e}") from e
+        rows = await self.db.fetch(
+            "SELECT id, name, tier, is_test FROM users WHERE id = ANY($1::text[])", user_ids
+        )
         self.queries += 1
         return {row["id"]: row for row in rows}
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        await self.db.close()

@@ -17,12 +17,11 @@ from pydantic import Field
 from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
-from services.common.dlq import ErrorClass, dead_letter
-from services.common.logs import setup_logging
+from services.common.dlq import DeadLetters, ErrorClass
 from services.common.opa import OpaClient
-from services.common.service import run_main, serve
+from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
-from services.common.topics import DLQ, PROCESSED, VALIDATED
+from services.common.topics import PROCESSED, VALIDATED
 from services.common.tracing import TRACEPARENT, continue_trace
 from services.processor.enrichment import User, UserDirectory
 
@@ -40,7 +39,7 @@ class Processor:
         self.validated = AvroSerde(store, "pipeline.events.ValidatedEvent")
         self.processed = AvroSerde(store, "pipeline.events.ProcessedEvent")
         self.version = store.latest("pipeline.events.ProcessedEvent").version
-        self.dead_letters = AvroSerde(store, "pipeline.events.DeadLetter")
+        self.dead_letters = DeadLetters(store, STAGE)
         self.opa = OpaClient(settings.opa_url)
         self.users = UserDirectory(settings.pg_dsn, ttl_s=settings.user_cache_ttl_s)
 
@@ -140,23 +139,7 @@ class Processor:
     def _dead_letter(
         self, outcome: BatchOutcome, message: Message, error_class: ErrorClass, reason: str
     ) -> None:
-        headers = message.headers() or []
-        trace_id, traceparent = continue_trace(headers)
-        envelope = dead_letter(
-            topic=message.topic() or VALIDATED,
-            partition=message.partition(),
-            offset=message.offset(),
-            key=message.key(),
-            value=message.value(),
-            headers=headers,
-            stage=STAGE,
-            error_class=error_class,
-            message=reason,
-            trace_id=trace_id,
-        )
-        outcome.records.append(
-            OutputRecord(DLQ, message.key(), self.dead_letters.encode(envelope), [(TRACEPARENT, traceparent)])
-        )
+        outcome.records.append(self.dead_letters.record(message, error_class, reason))
         outcome.dead_letters[error_class.value] += 1
 
     async def close(self) -> None:
@@ -164,16 +147,5 @@ class Processor:
         await self.users.close()
 
 
-async def main_async() -> None:
-    settings = ProcessorSettings()
-    setup_logging(STAGE, settings.log_level)
-    store = SchemaStore.load()
-
-    async def build(waiter: DependencyWaiter) -> Processor:
-        return Processor(settings, waiter, store)
-
-    await serve(STAGE, settings, VALIDATED, build)
-
-
 def main() -> None:
-    run_main(STAGE, main_async)
+    stage_main(STAGE, ProcessorSettings, VALIDATED, Processor)

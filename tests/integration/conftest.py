@@ -22,7 +22,12 @@ TEST_AUTHZ_CACHE_SECONDS = 1
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="pipeline-test-stack-"))
-    test_stack = Stack(root, ports=free_ports(), authz_cache_seconds=TEST_AUTHZ_CACHE_SECONDS)
+    test_stack = Stack(
+        root,
+        ports=free_ports(),
+        authz_cache_seconds=TEST_AUTHZ_CACHE_SECONDS,
+        service_env={"PIPELINE_LAKE_FLUSH_SECONDS": "2"},  # tests should not wait for the lake
+    )
     try:
         test_stack.up(log=lambda line: print(f"[stack] {line}"))
         yield test_stack

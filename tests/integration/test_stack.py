@@ -14,7 +14,8 @@ from services.common.topics import DLQ, DLQ_RECORD_BYTES, LARGE_RECORD_BYTES, RA
 
 
 def test_second_up_changes_nothing(stack: Stack) -> None:
-    processes = [stack.opa.process, stack.postgres.process, stack.kafka.process]
+    processes = [stack.opa.process, stack.postgres.process, stack.kafka.process, stack.s3.process]
+    processes.append(stack.search.process)
     processes += [s.process for s in stack.services.values()]
     pids = {p.name: p.pid for p in processes}
     lines: list[str] = []
@@ -24,8 +25,11 @@ def test_second_up_changes_nothing(stack: Stack) -> None:
         "opa: already running",
         "postgres: already running",
         "kafka: already running",
+        "s3: already running",
+        "elasticsearch: already running",
         "ingester: already running",
         "processor: already running",
+        "storage: already running",
     ]
 
 

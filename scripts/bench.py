@@ -1,0 +1,811 @@
+"""End-to-end benchmark of the pipeline: `make bench` (`python -m scripts.bench --events N ...`).
+
+On a stack of its own (free ports, a temporary directory, never .stack/; stopped and removed
+at the end) with the three services and all four storage sinks running:
+
+1. full speed: N generated events (realistic sizes; ~5 % invalid, some duplicates, test users
+   and heartbeats) produced to pipeline.raw as fast as one producer can (the operator identity,
+   which has no client quota; lz4, linger 10 ms), then timed until every event that belongs in
+   PostgreSQL is there (the valid and unknown-user events, deduplicated);
+2. fixed rate: the same with fresh events produced at --rate events/s for --rate-seconds;
+3. pass-through baseline, the services stopped: N records through three hops of a minimal
+   consume -> re-produce loop that does no work, as the pipeline's own identities, topics and
+   groups (raw -> validated as the ingester, validated -> processed as the processor,
+   processed -> analytics as storage with group storage-bench), one process per hop running
+   side by side as the stages do; once plain (idempotent producer, auto-commit) and once
+   transactional (one transaction per consumed batch, offsets included, as the stages do).
+   Each hop starts at the end offsets of its input topic recorded before the baseline's own
+   records, so it reads exactly those (the pipeline has finished and stopped by then).
+
+Reported: end-to-end events/s (events expected in PostgreSQL / (last stored_at - first
+produce)); per-stage events/s (a stage's records_in counter over its busy window, from the
+services' /metrics sampled every --interval s); p50/p95/p99 end-to-end latency (PostgreSQL's
+stored_at - received_at, received_at being the raw record's produce timestamp; the baseline's
+is from that timestamp to the record being readable on pipeline.analytics); the pipeline as a
+fraction of the baseline. Writes <out>/<UTC timestamp>.json (machine, settings, results and
+the sampled time series) and <out>/<UTC timestamp>.png (throughput per stage and lag per
+group over time), and prints a table. A benchmark, not a test: nothing asserts on timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import resource
+import select
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+from deploy.local.stack import Stack
+from scripts.benchlib import (
+    OPERATOR,
+    QUIET,
+    REPO,
+    SINKS,
+    STAGES,
+    Sample,
+    cpu_seconds,
+    end_offsets,
+    exit_on_signals,
+    isolated_stack,
+    machine,
+    produce,
+    scrape,
+    table,
+)
+from services.cli.generate import GeneratedEvent, generate_events
+from services.common.topics import ANALYTICS, PROCESSED, RAW, VALIDATED
+
+# Generated kinds the pipeline stores in PostgreSQL (the others are dead-lettered, dropped as
+# duplicates or filtered by rule): see services/cli/generate.py.
+STORED_KINDS = {"valid", "unknown_user"}
+# The baseline's hops: the pipeline's own three, with the identity, group and transactional
+# id prefix each may use under the broker's ACLs (opa/data.json).
+HOPS = (
+    {"hop": "raw->validated", "identity": "service-ingester", "input": RAW, "output": VALIDATED,
+     "group": "pipeline-ingester", "transactional_id": "pipeline-ingester-bench", "stage": "ingester"},
+    {"hop": "validated->processed", "identity": "service-processor", "input": VALIDATED, "output": PROCESSED,
+     "group": "pipeline-processor", "transactional_id": "pipeline-processor-bench", "stage": "processor"},
+    {"hop": "processed->analytics", "identity": "service-storage", "input": PROCESSED, "output": ANALYTICS,
+     "group": "storage-bench", "transactional_id": "pipeline-storage-bench", "stage": "storage-analytics"},
+)  # fmt: skip
+STATS = """
+SELECT count(*) AS n,
+       extract(epoch FROM min(received_at))::float8 AS first_received,
+       extract(epoch FROM max(stored_at))::float8 AS last_stored,
+       percentile_cont(ARRAY[0.5, 0.95, 0.99])
+           WITHIN GROUP (ORDER BY extract(epoch FROM stored_at - received_at)) AS pct,
+       avg(extract(epoch FROM stored_at - received_at))::float8 AS mean,
+       max(extract(epoch FROM stored_at - received_at))::float8 AS worst
+FROM events WHERE id = ANY($1::text[])
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.bench", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    parser.add_argument("--events", type=int, default=200_000, help="events at full speed and per baseline")
+    parser.add_argument("--rate", type=float, default=5000, help="events/s of the fixed-rate phase")
+    parser.add_argument("--rate-seconds", type=float, default=30, help="its length (0: skip it)")
+    parser.add_argument(
+        "--warmup", type=int, default=5000, help="events through the pipeline first, unmeasured"
+    )
+    parser.add_argument("--batch-size", type=int, default=2000, help="PIPELINE_BATCH_SIZE of the services")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between /metrics samples")
+    parser.add_argument(
+        "--timeout", type=float, default=600, help="per phase: wait at most this for PostgreSQL"
+    )
+    parser.add_argument("--baseline", default="plain,transactional", help="baseline variants ('' for none)")
+    parser.add_argument("--seed", type=int, help="generator seed (default: random, so event ids are fresh)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where results go")
+    parser.add_argument("--hop", help=argparse.SUPPRESS)  # internal: run one baseline hop
+    return parser.parse_args(argv)
+
+
+# ---- the pipeline phases ---------------------------------------------------------------
+
+
+# Each stage's consumer group and the counter of the records its input topic received.
+GROUPS = {
+    "ingester": ("pipeline-ingester", None),  # pipeline.raw: its end offsets (only we write it)
+    "processor": ("pipeline-processor", f"ingester>{VALIDATED}"),
+    **{sink: (sink, f"processor>{PROCESSED}") for sink in SINKS},
+}
+EMPTY = {"t": 0, "at": {}, "in": {}, "out": {}, "lag": {}, "lag_metric": {}}
+
+
+def reading(samples: list[dict[str, Any]], stage: str, key: str | None = None) -> list[tuple[float, float]]:
+    """(time, value) of a stage's records-in counter, or of its output counter `key`, over the
+    samples its service answered, each at the time of that answer."""
+    service = STAGES[stage]
+    return [
+        (s["at"][service], s["out"].get(key, 0.0) if key else s["in"].get(stage, 0.0))
+        for s in samples
+        if service in s["at"]
+    ]
+
+
+class Sampler(threading.Thread):
+    """Every service's /metrics every `interval` s: records in and out per stage, and each
+    group's lag in records: what its input topic received minus what the stage has consumed
+    (and committed), from those counters and pipeline.raw's end offsets. The exported
+    pipeline_consumer_lag gauge is kept too ("lag_metric"), as the services report it."""
+
+    def __init__(self, stack: Stack, interval: float, t0: float):
+        super().__init__(name="metrics-sampler", daemon=True)
+        self.stack = stack
+        self.urls = {name: service.url for name, service in stack.services.items()}
+        self.interval, self.t0 = interval, t0
+        self.samples: list[dict[str, Any]] = []
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        raw = Consumer(self.stack.client_config(OPERATOR, **QUIET, **{"group.id": "pipectl-bench"}))
+        partitions = [TopicPartition(RAW, p) for p in raw.list_topics(RAW, timeout=10).topics[RAW].partitions]
+        try:
+            # In parallel: a busy service answers late (its /metrics shares the event loop with
+            # its batches), and must not delay the others' samples.
+            with ThreadPoolExecutor(len(self.urls)) as pool:
+                due = time.monotonic()
+                while not self.done.is_set():
+                    sample = self.sample(pool, raw, partitions)
+                    with self.lock:
+                        self.samples.append(sample)
+                    due += self.interval
+                    self.done.wait(max(0.0, due - time.monotonic()))
+        finally:
+            raw.close()
+
+    def sample(
+        self, pool: ThreadPoolExecutor, raw: Consumer, partitions: list[TopicPartition]
+    ) -> dict[str, Any]:
+        """One sample; "at" says when each service's answer came (its counters' time)."""
+        t = round(time.time() - self.t0, 3)
+        answers = {service: pool.submit(self._scrape, url) for service, url in self.urls.items()}
+        produced = sum(raw.get_watermark_offsets(tp, timeout=5)[1] for tp in partitions)
+        sample: dict[str, Any] = {"t": t, "at": {}, "in": {}, "out": {}, "lag": {}, "lag_metric": {}}
+        for service, answer in answers.items():
+            if (got := answer.result()) is None:
+                continue  # not up (yet), or stopped
+            sample["at"][service], metrics = got
+            for name, labels, value in metrics:
+                if name == "pipeline_records_in_total":
+                    sample["in"][labels["stage"]] = value
+                elif name == "pipeline_records_out_total":
+                    sample["out"][f"{labels['stage']}>{labels['topic']}"] = value
+                elif name == "pipeline_consumer_lag":
+                    group = labels["group"]
+                    sample["lag_metric"][group] = sample["lag_metric"].get(group, 0) + value
+        for stage, (group, source) in GROUPS.items():
+            upstream = None if source is None else STAGES[source.split(">")[0]]
+            if STAGES[stage] in sample["at"] and (upstream is None or upstream in sample["at"]):
+                received = produced if source is None else sample["out"].get(source, 0.0)
+                sample["lag"][group] = max(0.0, received - sample["in"].get(stage, 0.0))
+        return sample
+
+    def _scrape(self, url: str) -> tuple[float, list[Sample]] | None:
+        try:
+            metrics = scrape(url)
+        except httpx.HTTPError:
+            return None
+        return round(time.time() - self.t0, 3), metrics
+
+    def latest(self) -> dict[str, Any]:
+        with self.lock:
+            return self.samples[-1] if self.samples else EMPTY
+
+    def series(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.samples)
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.is_alive():
+            self.join(10)
+
+
+class Store:
+    """PostgreSQL, synchronously: one connection on an event loop of its own."""
+
+    def __init__(self, dsn: str):
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection = self.loop.run_until_complete(asyncpg.connect(dsn))
+
+    def count(self, ids: list[str]) -> int:
+        return self.loop.run_until_complete(
+            self.conn.fetchval("SELECT count(*) FROM events WHERE id = ANY($1::text[])", ids)
+        )
+
+    def stats(self, ids: list[str]) -> dict[str, Any]:
+        row = self.loop.run_until_complete(self.conn.fetchrow(STATS, ids))
+        pct = row["pct"] or [None, None, None]
+
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1000, 1)
+
+        return {
+            "stored": row["n"],
+            "first_received": row["first_received"],
+            "last_stored": row["last_stored"],
+            "latency_ms": {
+                "p50": ms(pct[0]),
+                "p95": ms(pct[1]),
+                "p99": ms(pct[2]),
+                "mean": ms(row["mean"]),
+                "max": ms(row["worst"]),
+            },
+        }
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+def stored_ids(events: list[GeneratedEvent]) -> list[str]:
+    return sorted({orjson.loads(e.value)["event_id"] for e in events if e.kind in STORED_KINDS})
+
+
+class Pipeline:
+    """The running pipeline under measurement, phase after phase, on one stack."""
+
+    def __init__(self, stack: Stack, interval: float, timeout: float, t0: float):
+        self.stack, self.timeout, self.t0 = stack, timeout, t0
+        self.store = Store(stack.pg_dsn)
+        self.sampler = Sampler(stack, interval, t0)
+        self.sampler.start()
+        self.produced = 0  # records this benchmark has put on pipeline.raw so far
+
+    def close(self) -> None:
+        self.sampler.stop()
+        self.store.close()
+
+    def pids(self) -> dict[str, int | None]:
+        return {
+            **{name: s.process.pid for name, s in self.stack.services.items()},
+            "kafka": self.stack.kafka.process.pid,
+        }
+
+    def run(self, name: str, events: list[GeneratedEvent], rate: float | None = None) -> dict[str, Any]:
+        ids = stored_ids(events)
+        pids = self.pids()
+        cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        written_before = self.sampler.latest()["out"].get("storage-postgres>postgres", 0)
+        begin = time.time() - self.t0
+        pace = f"at {rate:,.0f}/s" if rate else "at full speed"
+        print(
+            f"{name}: producing {len(events):,} events {pace}; {len(ids):,} belong in PostgreSQL", flush=True
+        )
+        produced = produce(self.stack, [(e.key, e.value) for e in events], rate=rate)
+        self.produced += produced.count
+        print(f"{name}: produced in {produced.finished - produced.started:.1f}s ({produced.rate:,.0f}/s)")
+        stored = self.wait_stored(ids, written_before, produced.finished)
+        settled = self.wait_settled()
+        end = time.time() - self.t0
+        stats = self.store.stats(ids)
+        cpu = {k: round(cpu_seconds(pid) - cpu_before[k], 2) for k, pid in pids.items()}
+        seconds = (stats["last_stored"] or produced.finished) - produced.started
+        result = {
+            "events": len(events),
+            "rate_target": rate,
+            "expected_in_postgres": len(ids),
+            "stored": stats["stored"],
+            "complete": stored,
+            "settled": settled,
+            "produce_seconds": round(produced.finished - produced.started, 3),
+            "produce_events_per_s": round(produced.rate),
+            "seconds": round(seconds, 3),
+            "events_per_s": round(stats["stored"] / seconds) if seconds > 0 else None,
+            # How long after the producer finished the last event was stored: about one
+            # latency when the pipeline kept up, the backlog's drain time when it did not.
+            "drain_seconds": round((stats["last_stored"] or produced.finished) - produced.finished, 3),
+            "latency_ms": stats["latency_ms"],
+            "stages": stage_rates(self.sampler.series(), begin, end),
+            "cpu_seconds": cpu,
+            "cpu_s_per_100k_events": {k: round(v / len(events) * 100_000, 2) for k, v in cpu.items()},
+            "window": [round(begin, 3), round(end, 3)],
+        }
+        print(
+            f"{name}: {stats['stored']:,}/{len(ids):,} in PostgreSQL after {seconds:.1f}s: "
+            f"{result['events_per_s'] or 0:,} events/s, p50/p95/p99 "
+            f"{stats['latency_ms']['p50']}/{stats['latency_ms']['p95']}/{stats['latency_ms']['p99']} ms",
+            flush=True,
+        )
+        return result
+
+    def wait_stored(self, ids: list[str], written_before: float, since: float) -> bool:
+        """Until every id is in PostgreSQL (True) or the deadline passes (False). The storage
+        sink's counter says when it is worth asking PostgreSQL: counting the ids is not free."""
+        deadline = since + self.timeout
+        asked = time.time()
+        while time.time() < deadline:
+            written = self.sampler.latest()["out"].get("storage-postgres>postgres", 0) - written_before
+            # Ask once a second once the counter says all are written, else every 10 s.
+            if time.time() - asked >= (1 if written >= len(ids) else 10):
+                asked = time.time()
+                if self.store.count(ids) >= len(ids):
+                    return True
+            time.sleep(0.25)
+        print(f"  not all stored within --timeout {self.timeout:.0f}s", flush=True)
+        return False
+
+    def wait_settled(self, timeout: float = 120) -> bool:
+        """Until every stage has consumed all its input: the next phase starts on an idle
+        pipeline (the lake and search sinks may trail PostgreSQL)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sample = self.sampler.latest()
+            ins, outs = sample["in"], sample["out"]
+            validated = outs.get(f"ingester>{VALIDATED}", 0)
+            processed = outs.get(f"processor>{PROCESSED}", 0)
+            if (
+                ins.get("ingester", 0) >= self.produced
+                and ins.get("processor", 0) >= validated
+                and all(ins.get(s, 0) >= processed for s in SINKS)
+            ):
+                return True
+            time.sleep(0.25)
+        print("  the stages did not all catch up within 120s", flush=True)
+        return False
+
+
+def stage_rates(samples: list[dict[str, Any]], begin: float, end: float) -> dict[str, dict[str, Any]]:
+    """Per stage: records consumed between `begin` (the phase's first produce) and `end`, and
+    their rate over the stage's busy window: from when its input began to arrive (its
+    upstream's output counter first moved; for the ingester, `begin`) or its own counter
+    first moved, whichever is earlier, to when its counter reached its final value; each edge
+    at the midpoint between two samples. Starting from the input keeps the window right for
+    a counter that moves in lumps (the lake counts its records at each flush)."""
+    before = [s for s in samples if s["t"] <= begin][-1:]
+    window = before + [s for s in samples if begin < s["t"] <= end]
+    rates: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        series = reading(window, stage)
+        if len(series) < 2 or series[-1][1] <= series[0][1]:
+            rates[stage] = {"events": 0, "seconds": None, "events_per_s": None}
+            continue
+        v0, v1 = series[0][1], series[-1][1]
+        source = GROUPS[stage][1]
+        input_from = begin if source is None else _first_move(reading(window, source.split(">")[0], source))
+        start = min(x for x in (_first_move(series), input_from) if x is not None)
+        j = next(k for k, (_, v) in enumerate(series) if v >= v1)
+        stop = max((series[j - 1][0] + series[j][0]) / 2, start + 0.5 * (series[j][0] - series[j - 1][0]))
+        rates[stage] = {
+            "events": int(v1 - v0),
+            "seconds": round(stop - start, 3),
+            "events_per_s": round((v1 - v0) / (stop - start)),
+        }
+    return rates
+
+
+def _first_move(series: list[tuple[float, float]]) -> float | None:
+    """The midpoint between the last sample at the series' first value and the next one."""
+    k = next((k for k, (_, v) in enumerate(series) if v > series[0][1]), None)
+    return None if not k else (series[k - 1][0] + series[k][0]) / 2
+
+
+# ---- the pass-through baseline ---------------------------------------------------------
+
+
+def hop_main(spec: dict[str, Any]) -> None:
+    """One baseline hop, in a process of its own: consume `n` records of the input topic from
+    the given offsets and produce each, untouched, to the output topic. Prints "ready" once it
+    has its partitions, then its measurements as one JSON line."""
+    from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+    transactional, last, n = spec["transactional"], spec["last"], spec["n"]
+    consumer = Consumer(
+        {
+            **spec["config"],
+            "group.id": spec["group"],
+            "isolation.level": "read_committed",
+            "enable.auto.commit": not transactional,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    producer = Producer(
+        {
+            **spec["config"],
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "enable.idempotence": True,
+            "queue.buffering.max.messages": 1_000_000,
+            **(
+                {"transactional.id": spec["transactional_id"], "retry.backoff.ms": 10}
+                if transactional
+                else {}
+            ),
+        }
+    )
+    if transactional:
+        producer.init_transactions(60)
+    start = {int(p): o for p, o in spec["start"].items()}
+    assigned = threading.Event()
+
+    def on_assign(c: Any, partitions: list[Any]) -> None:
+        for tp in partitions:
+            tp.offset = start[tp.partition]
+        c.assign(partitions)
+        assigned.set()
+
+    consumer.subscribe([spec["input"]], on_assign=on_assign)
+    pending: list[Any] = []
+    deadline = time.monotonic() + 60
+    while not assigned.is_set():
+        pending += consumer.consume(spec["batch"], 0.2)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{spec['hop']}: no partitions assigned within 60s")
+    producer.list_topics(spec["output"], timeout=30)
+    print("ready", flush=True)
+
+    out = spec["output"]
+    latencies: list[float] = []
+    failed: list[str] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            failed.append(str(err))
+        elif last:
+            latencies.append(time.time() * 1000 - msg.timestamp()[1])
+
+    # Each record keeps its raw produce timestamp, so the last hop can tell the latency.
+    report = {"on_delivery": delivered} if last and not transactional else {}
+    count, first, cpu0, idle_since = 0, 0.0, 0.0, time.monotonic()
+    while count < n:
+        batch = pending or consumer.consume(spec["batch"], 0.1)
+        pending = []
+        for m in batch:
+            if m.error() is not None and m.error().fatal():
+                raise KafkaException(m.error())
+        batch = [m for m in batch if m.error() is None]
+        if not batch:
+            if time.monotonic() - idle_since > 120:
+                raise RuntimeError(f"{spec['hop']}: stalled at {count}/{n}")
+            continue
+        idle_since = time.monotonic()
+        if not first:
+            first, cpu0 = time.time(), _own_cpu()
+        if transactional:
+            producer.begin_transaction()
+        for m in batch:
+            while True:
+                try:
+                    producer.produce(out, m.value(), m.key(), timestamp=m.timestamp()[1], **report)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+        if transactional:
+            offsets: dict[int, int] = {}
+            for m in batch:
+                offsets[m.partition()] = m.offset() + 1
+            producer.send_offsets_to_transaction(
+                [TopicPartition(spec["input"], p, o) for p, o in offsets.items()],
+                consumer.consumer_group_metadata(),
+                60,
+            )
+            producer.commit_transaction(60)
+            if last:  # readable downstream from the commit on
+                now = time.time() * 1000
+                latencies.extend(now - m.timestamp()[1] for m in batch)
+        else:
+            producer.poll(0)
+        count += len(batch)
+    left = producer.flush(120)
+    done = time.time()
+    cpu = _own_cpu() - cpu0
+    consumer.close()
+    if left or failed:
+        raise RuntimeError(f"{spec['hop']}: {left} deliveries pending, {len(failed)} failed: {failed[:3]}")
+    latencies.sort()
+
+    def pick(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)
+
+    result = {
+        "hop": spec["hop"],
+        "count": count,
+        "first": first,
+        "done": done,
+        "seconds": round(done - first, 3),
+        "events_per_s": round(count / (done - first)),
+        "cpu_s_per_100k_events": round(cpu / count * 100_000, 2),
+    }
+    if last and latencies:
+        result["latency_ms"] = {"p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99), "max": latencies[-1]}
+    print(json.dumps(result), flush=True)
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_baseline(
+    stack: Stack, records: list[tuple[bytes | None, bytes]], transactional: bool, batch: int
+) -> dict[str, Any]:
+    """The three hops side by side over `records`, produced to pipeline.raw at full speed."""
+    kind = "transactional" if transactional else "plain"
+    procs: list[subprocess.Popen[str]] = []
+    logs = []
+    try:
+        for i, hop in enumerate(HOPS):
+            spec = {
+                **hop,
+                "config": stack.client_config(hop["identity"]),
+                "start": end_offsets(stack, hop["input"]),
+                "n": len(records),
+                "batch": batch,
+                "transactional": transactional,
+                "last": i == len(HOPS) - 1,
+            }
+            log = stack.root / "logs" / f"bench-{kind}-hop{i + 1}.log"
+            logs.append(log)
+            with open(log, "w") as stderr:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "scripts.bench", "--hop", json.dumps(spec)],
+                        stdout=subprocess.PIPE,
+                        stderr=stderr,
+                        text=True,
+                        cwd=REPO,
+                    )
+                )
+        for proc, log in zip(procs, logs, strict=True):
+            ready, _, _ = select.select([proc.stdout], [], [], 90)
+            if not ready or proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                raise RuntimeError(f"baseline hop not ready:\n{log.read_text()[-2000:]}")
+        print(f"baseline {kind}: producing {len(records):,} records through 3 hops", flush=True)
+        produced = produce(stack, records)
+        hops = []
+        for proc, log in zip(procs, logs, strict=True):
+            # Its output after "ready" is one short line: the pipe cannot fill up meanwhile.
+            if proc.wait(timeout=600) != 0:
+                raise RuntimeError(f"baseline hop failed:\n{log.read_text()[-3000:]}")
+            hops.append(json.loads(proc.stdout.read().strip().splitlines()[-1]))  # type: ignore[union-attr]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    seconds = hops[-1]["done"] - produced.started
+    result = {
+        "records": len(records),
+        "produce_seconds": round(produced.finished - produced.started, 3),
+        "produce_events_per_s": round(produced.rate),
+        "seconds": round(seconds, 3),
+        "events_per_s": round(len(records) / seconds),
+        "latency_ms": hops[-1].get("latency_ms"),
+        "hops": {h["hop"]: {k: v for k, v in h.items() if k not in ("hop", "first", "done")} for h in hops},
+    }
+    print(
+        f"baseline {kind}: {result['events_per_s']:,} events/s end to end, hops "
+        + ", ".join(f"{h['events_per_s']:,}" for h in hops),
+        flush=True,
+    )
+    return result
+
+
+# ---- output ----------------------------------------------------------------------------
+
+
+def plot(path: Path, samples: list[dict[str, Any]], phases: dict[str, dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rates_ax, lag_ax) = plt.subplots(2, 1, sharex=True, figsize=(12, 8))
+    span = 4  # rates over a few samples: the counters move once per batch
+    for stage in STAGES:
+        series = reading(samples, stage)
+        points = [
+            (t, (v - series[k - span][1]) / (t - series[k - span][0]))
+            for k, (t, v) in enumerate(series)
+            if k >= span and t > series[k - span][0]
+        ]
+        if points and any(v for _, v in series):
+            rates_ax.plot([t for t, _ in points], [r for _, r in points], label=stage, linewidth=1.2)
+    times = [s["t"] for s in samples]
+    groups = sorted({g for s in samples for g in s["lag"]})
+    for group in groups:
+        lag_ax.step(
+            times, [s["lag"].get(group, math.nan) for s in samples], where="post", label=group, linewidth=1.2
+        )
+    for ax in (rates_ax, lag_ax):
+        for (name, phase), color in zip(phases.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=False):
+            ax.axvspan(*phase["window"], color=color, alpha=0.07)
+            if ax is rates_ax:
+                ax.text(phase["window"][0], 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    rates_ax.set_ylabel("records in / s (per stage)")
+    lag_ax.set_ylabel("lag per group (records received, not yet consumed)")
+    lag_ax.set_xlabel("seconds since the benchmark started")
+    rates_ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    phases, baselines = results["pipeline"], results["baseline"]
+
+    def lat(r: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+        latency = (r or {}).get("latency_ms") or {}
+        return latency.get("p50"), latency.get("p95"), latency.get("p99")
+
+    rows = [
+        (
+            f"pipeline {name}",
+            p["events"],
+            p["stored"],
+            p["seconds"],
+            p["drain_seconds"],
+            p["events_per_s"],
+            *lat(p),
+            "" if p["complete"] else "INCOMPLETE",
+        )
+        for name, p in phases.items()
+    ]
+    rows += [
+        (f"baseline {name}", b["records"], b["records"], b["seconds"], None, b["events_per_s"], *lat(b), "")
+        for name, b in baselines.items()
+        if "error" not in b
+    ]
+    print()
+    print(
+        table(
+            (
+                "end to end",
+                "events",
+                "stored",
+                "seconds",
+                "drain s",
+                "events/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "",
+            ),
+            rows,
+        )
+    )
+    print(
+        "  (pipeline: events produced / stored in PostgreSQL, seconds from the first produce to the last"
+        " stored, drain s from the end of producing; baseline: records through 3 hops to pipeline.analytics)"
+    )
+
+    hop_of = {h["stage"]: h["hop"] for h in HOPS}
+    headers = ["per stage events/s", *(f"pipeline {n}" for n in phases)]
+    headers += [f"baseline {n}" for n in baselines if "error" not in baselines[n]]
+    stage_rows = []
+    for stage in STAGES:
+        row: list[Any] = [stage, *(p["stages"][stage]["events_per_s"] for p in phases.values())]
+        row += [
+            b["hops"][hop_of[stage]]["events_per_s"] if stage in hop_of else None
+            for b in baselines.values()
+            if "error" not in b
+        ]
+        stage_rows.append(row)
+    print()
+    print(table(headers, stage_rows))
+    print(
+        "  (a stage's records in over its busy window; the lake's counter moves once per flush; baseline: "
+        "the hop doing the same move)"
+    )
+    if results["ratios"]:
+        print()
+        for key, value in results["ratios"].items():
+            print(f"{key}: {value:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.hop:
+        hop_main(json.loads(args.hop))
+        return 0
+    exit_on_signals()
+    started = datetime.now(UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    seed = args.seed if args.seed is not None else random.getrandbits(48)
+    variants = [v.strip() for v in args.baseline.split(",") if v.strip()]
+    if set(variants) - {"plain", "transactional"}:
+        print(f"error: --baseline takes plain and/or transactional, got {args.baseline!r}", file=sys.stderr)
+        return 2
+    fixed_n = int(args.rate * args.rate_seconds)
+    settings = {
+        "events": args.events,
+        "rate": args.rate,
+        "rate_seconds": args.rate_seconds,
+        "fixed_rate_events": fixed_n,
+        "warmup_events": args.warmup,
+        "batch_size": args.batch_size,
+        "sample_interval_s": args.interval,
+        "timeout_s": args.timeout,
+        "baseline": variants,
+        "seed": seed,
+        "producer": "confluent-kafka, operator-cli identity (no quota), acks=all, idempotent, lz4, linger 10 ms",
+        "sinks": "postgres, lake, search, analytics",
+    }
+    t = time.monotonic()
+    full = list(generate_events(args.events, seed=seed))
+    fixed = list(generate_events(fixed_n, seed=seed + 1))
+    warmup = list(generate_events(args.warmup, seed=seed + 2))
+    print(f"generated {args.events + fixed_n + args.warmup:,} events in {time.monotonic() - t:.1f}s")
+
+    results: dict[str, Any] = {"pipeline": {}, "baseline": {}, "ratios": {}}
+    t0 = time.time()
+    service_env = {"PIPELINE_BATCH_SIZE": str(args.batch_size)}
+    samples: list[dict[str, Any]] = []
+    with isolated_stack("bench-", service_env, log=lambda line: print(f"  {line}", flush=True)) as stack:
+        settings["service_env"] = stack.service_env
+        pipeline = Pipeline(stack, args.interval, args.timeout, t0)
+        try:
+            if warmup:
+                results["warmup"] = pipeline.run("warm-up", warmup)
+            results["pipeline"]["full speed"] = pipeline.run("full speed", full)
+            if fixed:
+                results["pipeline"][f"{args.rate:,.0f}/s"] = pipeline.run(
+                    f"{args.rate:,.0f}/s", fixed, rate=args.rate
+                )
+        finally:
+            pipeline.close()
+            samples = pipeline.sampler.series()
+        for service in reversed(stack.services.values()):
+            service.process.stop()
+        records = [(e.key, e.value) for e in full]
+        for variant in variants:
+            try:
+                results["baseline"][variant] = run_baseline(
+                    stack, records, variant == "transactional", args.batch_size
+                )
+            except Exception as e:  # a benchmark reports what it could measure
+                print(f"baseline {variant} failed: {e}", file=sys.stderr)
+                results["baseline"][variant] = {"error": str(e)}
+
+    full_rate = results["pipeline"]["full speed"]["events_per_s"]
+    for variant, b in results["baseline"].items():
+        if "error" not in b and full_rate:
+            results["ratios"][f"pipeline full speed / baseline {variant} (end-to-end events/s)"] = round(
+                full_rate / b["events_per_s"], 3
+            )
+    document = {
+        "started": started.isoformat(),
+        "seconds": round(time.time() - t0, 1),
+        "machine": machine(),
+        "settings": settings,
+        **results,
+        "timeseries": samples,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / f"{stamp}.json", args.out / f"{stamp}.png"
+    json_path.write_text(json.dumps(document, indent=1))
+    phase_windows = {**({"warm-up": results["warmup"]} if "warmup" in results else {}), **results["pipeline"]}
+    plot(
+        png_path,
+        samples,
+        phase_windows,
+        f"pipeline bench {stamp}: {args.events:,} events, {machine()['cores']} cores",
+    )
+    print_tables(results)
+    print(f"\nwrote {json_path} and {png_path} ({document['seconds']:.0f}s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""What the benchmarks share (scripts/bench.py, scripts/bench_stages.py): a stack of their own,
+a fast producer, reading the services' Prometheus metrics, CPU seconds from /proc, tables.
+
+Benchmarks measure; they never assert on timings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy.local.stack import Stack, free_ports
+from services.common.topics import RAW
+
+REPO = Path(__file__).resolve().parents[1]
+SINKS = ("storage-postgres", "storage-lake", "storage-search", "storage-analytics")
+# Every stage, in pipeline order, with the service (process) that runs it.
+STAGES = {"ingester": "ingester", "processor": "processor", **dict.fromkeys(SINKS, "storage")}
+# The operator identity may write pipeline.raw and has no client quota (the source-*
+# identities are held to 32 MiB/s each), so it measures the pipeline rather than the quota.
+OPERATOR = "operator-cli"
+QUIET = {"log_level": 0}
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- the stack -------------------------------------------------------------------------
+
+
+@contextmanager
+def isolated_stack(
+    prefix: str, service_env: dict[str, str] | None = None, log: Callable[[str], None] | None = None
+) -> Iterator[Stack]:
+    """A complete stack on free ports in a temporary directory, stopped and removed at the end
+    (also on Ctrl-C and SIGTERM: see exit_on_signals)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = Stack(root, ports=free_ports(), authz_cache_seconds=60, service_env=service_env)
+    try:
+        stack.up(log=log or (lambda line: None))
+        yield stack
+    finally:
+        stack.down(log=lambda line: None)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def exit_on_signals() -> None:
+    """Turn SIGTERM (and SIGINT, which a background `&` job starts with ignored) into an exit
+    that runs the `finally` blocks, so the benchmark's stack is always stopped."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of one process (its threads included; not its children)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    meminfo = dict(
+        line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line
+    )
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(int(meminfo["MemTotal"].split()[0]) / 1024**2, 1),
+        "load_average": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "kernel": os.uname().release,
+    }
+
+
+# ---- Kafka -----------------------------------------------------------------------------
+
+
+@dataclass
+class Produced:
+    count: int
+    started: float  # wall clock (time.time()) just before the first produce()
+    finished: float  # wall clock once every record was acknowledged
+
+    @property
+    def rate(self) -> float:
+        return self.count / max(self.finished - self.started, 1e-9)
+
+
+def produce(
+    stack: Stack,
+    records: Sequence[tuple[bytes | None, bytes]],
+    *,
+    rate: float | None = None,
+    identity: str = OPERATOR,
+    topic: str = RAW,
+    linger_ms: int = 10,
+) -> Produced:
+    """Produce `records` (acks=all, idempotent, lz4) as fast as the producer can, or paced at
+    `rate` records/s, and wait for every acknowledgement. Raises on any failed delivery."""
+    failed: list[str] = []
+    producer = Producer(
+        stack.client_config(
+            identity,
+            **QUIET,
+            **{
+                "linger.ms": linger_ms,
+                "compression.type": "lz4",
+                "enable.idempotence": True,
+                "message.max.bytes": 9_000_000,
+                "queue.buffering.max.messages": 1_000_000,
+            },
+        )
+    )
+    producer.list_topics(topic, timeout=30)  # connect and fetch metadata outside the window
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failed.append(str(err))
+
+    send, poll = producer.produce, producer.poll
+    n, i = len(records), 0
+    started, t0 = time.time(), time.monotonic()
+    while i < n:
+        due = n if rate is None else min(n, int((time.monotonic() - t0) * rate) + 1)
+        if i >= due:
+            poll(0)
+            time.sleep(0.002)
+            continue
+        while i < due:
+            key, value = records[i]
+            try:
+                send(topic, value, key, on_delivery=on_delivery)
+            except BufferError:  # local queue full: let deliveries drain
+                poll(0.01)
+                continue
+            i += 1
+            if not i & 1023:
+                poll(0)
+        poll(0)
+    left = producer.flush(120)
+    finished = time.time()
+    if left or failed:
+        raise RuntimeError(f"{left} deliveries pending, {len(failed)} failed: {failed[:3]}")
+    return Produced(n, started, finished)
+
+
+def end_offsets(stack: Stack, topic: str) -> dict[int, int]:
+    """The high watermark of each partition of `topic` (read as the operator identity)."""
+    consumer = Consumer(stack.client_config(OPERATOR, **QUIET, **{"group.id": "pipectl-bench"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
+        }
+    finally:
+        consumer.close()
+
+
+# ---- the services' metrics -------------------------------------------------------------
+
+
+Sample = tuple[str, dict[str, str], float]  # metric name, labels, value
+
+
+def scrape(url: str, client: httpx.Client | None = None) -> list[Sample]:
+    """Every sample a service exports on /metrics."""
+    text = (client or httpx).get(f"{url}/metrics", timeout=5).text
+    return [
+        (s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+    ]
+
+
+def value_of(samples: list[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels` (0 if none yet)."""
+    return sum(v for n, ls, v in samples if n == name and all(ls.get(k) == x for k, x in labels.items()))
+
+
+def metric(stack: Stack, service: str, name: str, **labels: str) -> float:
+    return value_of(scrape(stack.services[service].url), name, **labels)
+
+
+# ---- output ----------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers], *[[_cell(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths).rstrip()
+    return "\n".join([line(cells[0]), rule, *map(line, cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,3 @@
+from services.storage.service import main
+
+main()

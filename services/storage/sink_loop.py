@@ -1,0 +1,248 @@
+"""One sink's loop: its own consumer group on pipeline.processed, its own offsets and lag.
+
+Records are buffered until the sink's flush is due (every batch for PostgreSQL and the
+search index, by size or age for the lake), written idempotently, and only then are the
+offsets committed: a crash re-reads what was not committed, and the idempotent write makes
+the second copy a no-op. A store that is down makes the loop wait with growing backoff (a
+circuit breaker per sink: while open, no write is attempted until the next probe) and its
+lag grows; the other sinks, in loops of their own, go on. A record the store refuses for
+good goes to the DLQ as `sink_failed` and the sink moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from services.common import metrics
+from services.common.avro import AvroSerde, SchemaStore, SerdeError
+from services.common.dependencies import DependencyWaiter, Stopping
+from services.common.dlq import DeadLetters, ErrorClass
+from services.common.kafka import consumer_kept_alive
+from services.common.opa import OpaClient
+from services.common.topics import PROCESSED
+
+log = logging.getLogger(__name__)
+STORAGE_POLICY = "pipeline/storage/decisions"
+
+
+@dataclass
+class StoredEvent:
+    message: Message
+    record: dict[str, Any]  # the decoded ProcessedEvent
+    redact_for_search: tuple[str, ...] = ()  # property keys the search index must not receive
+
+
+class Sink(Protocol):
+    name: str  # postgres, lake, search
+    dependency: str  # what the loop waits for when writes fail: postgres, s3, elasticsearch
+
+    async def write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        """Store the events idempotently; return those refused for good, with the reason.
+        Raise DependencyUnavailable when the store cannot be reached (the loop retries)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Buffer:
+    events: list[StoredEvent] = field(default_factory=list)
+    poison: list[tuple[Message, str]] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    since: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.poison)
+
+
+class SinkLoop:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        kafka: dict[str, Any],
+        store: SchemaStore,
+        opa: OpaClient,
+        dlq: Producer,
+        stop: asyncio.Event,
+        waiter: DependencyWaiter,
+        batch_size: int = 2000,
+        batch_timeout_s: float = 0.1,
+        flush_records: int = 1,
+        flush_seconds: float = 0.0,
+    ):
+        self.sink, self.opa, self.dlq, self.stop = sink, opa, dlq, stop
+        self.stage = f"storage-{sink.name}"
+        self.serde = AvroSerde(store, "pipeline.events.ProcessedEvent")
+        self.dead_letters = DeadLetters(store, self.stage)
+        self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
+        self.batch_size, self.batch_timeout_s = batch_size, batch_timeout_s
+        self.flush_records, self.flush_seconds = flush_records, flush_seconds
+        self.consumer = Consumer(
+            {
+                **kafka,
+                "group.id": self.stage,
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                # A store may be away for long: stay in the group while we wait for it.
+                "max.poll.interval.ms": 3_600_000,
+                "statistics.interval.ms": 5000,
+                "stats_cb": metrics.consumer_lag_callback(self.stage),
+            }
+        )
+        self.running = False
+        self._revoked: set[tuple[str, int]] = set()
+
+    async def run(self) -> None:
+        self.consumer.subscribe([PROCESSED], on_revoke=self._on_revoke)
+        self.running = True
+        buffer = Buffer()
+        log.info("sink running", extra={"sink": self.sink.name, "group": self.stage})
+        try:
+            while not self.stop.is_set():
+                messages = await asyncio.to_thread(
+                    self.consumer.consume, self.batch_size, self.batch_timeout_s
+                )
+                self._drop_revoked(buffer)
+                for message in messages:
+                    if self._usable(message):
+                        self._add(buffer, message)
+                if len(buffer) and self._due(buffer):
+                    async with consumer_kept_alive(self.consumer):
+                        buffer = await self._flush(buffer)
+            if len(buffer):
+                buffer = await self._flush(buffer)  # graceful stop: leave nothing to redo
+        except Stopping:
+            pass  # not committed: read again after restart, written again idempotently
+        finally:
+            self.running = False
+            await asyncio.to_thread(self.consumer.close)
+            log.info("sink stopped", extra={"sink": self.sink.name})
+
+    def _add(self, buffer: Buffer, message: Message) -> None:
+        if not len(buffer):
+            buffer.since = time.monotonic()
+        buffer.offsets[(message.topic(), message.partition())] = message.offset() + 1
+        try:
+            buffer.events.append(StoredEvent(message, self.serde.decode(message.value() or b"")))
+        except SerdeError as e:
+            buffer.poison.append((message, f"undecodable ProcessedEvent: {e}"))
+
+    def _due(self, buffer: Buffer) -> bool:
+        return len(buffer) >= self.flush_records or time.monotonic() - buffer.since >= self.flush_seconds
+
+    async def _flush(self, buffer: Buffer) -> Buffer:
+        started = time.monotonic()
+        allowed = await self.waiter.call("opa", lambda: self._allowed(buffer.events))
+        refused = (
+            await self.waiter.call(self.sink.dependency, lambda: self.sink.write(allowed)) if allowed else []
+        )
+        failures = [self.dead_letters.record(m, ErrorClass.POISON, reason) for m, reason in buffer.poison] + [
+            self.dead_letters.record(e.message, ErrorClass.SINK_FAILED, reason) for e, reason in refused
+        ]
+        if failures:
+            await asyncio.to_thread(self._send_dead_letters, failures)
+        committed = await asyncio.to_thread(self._commit, buffer.offsets)
+        if committed:
+            self._count(buffer, allowed, refused, time.monotonic() - started)
+        return Buffer()
+
+    async def _allowed(self, events: list[StoredEvent]) -> list[StoredEvent]:
+        """Ask the storage policy (once per distinct case) which events this sink may get,
+        and which of their properties it must not see."""
+        fields = ("type", "source", "property_keys")
+        cases = [(e.record["type"], e.record["source"], property_keys(e.record)) for e in events]
+        decisions = await self.opa.decide_distinct(STORAGE_POLICY, fields, cases)
+        allowed = []
+        for event, decision in zip(events, decisions, strict=True):
+            if self.sink.name in decision.get("sinks", ()):
+                event.redact_for_search = tuple(decision.get("redact_for_search", ()))
+                allowed.append(event)
+        return allowed
+
+    def _send_dead_letters(self, failures: list) -> None:
+        errors: list[KafkaError] = []
+        for record in failures:
+            self.dlq.produce(
+                record.topic,
+                record.value,
+                record.key,
+                headers=record.headers,
+                on_delivery=lambda err, _msg: err and errors.append(err),
+            )
+        if self.dlq.flush(60) or errors:
+            # Not committing: the batch is read again and its failures re-sent.
+            raise KafkaException(errors[0] if errors else KafkaError(KafkaError._TIMED_OUT))
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> bool:
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+            )
+            return True
+        except KafkaException as e:
+            # Typically a rebalance: the partitions' new owner re-reads and rewrites idempotently.
+            log.warning("offset commit failed", extra={"sink": self.sink.name, "error": str(e)})
+            return False
+
+    def _usable(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return True
+        if error.fatal():
+            raise KafkaException(error)
+        if error.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error", extra={"sink": self.sink.name, "error": str(error)})
+        return False
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Runs inside consume(): buffered records of these partitions now belong to their
+        # next owner, who reads them from the committed offset; drop ours.
+        self._revoked.update((p.topic, p.partition) for p in partitions)
+
+    def _drop_revoked(self, buffer: Buffer) -> None:
+        if not self._revoked:
+            return
+        gone = self._revoked
+        buffer.events = [e for e in buffer.events if (e.message.topic(), e.message.partition()) not in gone]
+        buffer.poison = [(m, r) for m, r in buffer.poison if (m.topic(), m.partition()) not in gone]
+        buffer.offsets = {tp: o for tp, o in buffer.offsets.items() if tp not in gone}
+        self._revoked = set()
+
+    def _count(
+        self,
+        buffer: Buffer,
+        allowed: list[StoredEvent],
+        refused: list[tuple[StoredEvent, str]],
+        seconds: float,
+    ) -> None:
+        stage = self.stage
+        metrics.RECORDS_IN.labels(stage).inc(len(buffer))
+        metrics.RECORDS_OUT.labels(stage, self.sink.name).inc(len(allowed) - len(refused))
+        classes = Counter(
+            {ErrorClass.POISON.value: len(buffer.poison), ErrorClass.SINK_FAILED.value: len(refused)}
+        )
+        for error_class, n in (+classes).items():
+            metrics.DEAD_LETTERS.labels(stage, error_class).inc(n)
+        if len(buffer.events) > len(allowed):
+            metrics.FILTERED.labels(stage, "policy").inc(len(buffer.events) - len(allowed))
+        metrics.BATCH_SIZE.labels(stage).observe(len(buffer))
+        metrics.BATCH_SECONDS.labels(stage).observe(seconds)
+
+
+def property_keys(record: dict[str, Any]) -> tuple[str, ...]:
+    """Top-level property names, for the policy's redaction rules (properties is JSON text)."""
+    try:
+        properties = orjson.loads(record["properties"])
+    except orjson.JSONDecodeError:
+        return ()
+    return tuple(sorted(properties)) if isinstance(properties, dict) else ()

@@ -1,0 +1,477 @@
+"""`pipectl status` without a stack: Prometheus parsing, rates, lag arithmetic, rendering,
+exit codes, and the command answering fast when nothing at all is reachable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from services.cli import status
+from services.cli.main import main
+from services.cli.status import (
+    Check,
+    Collector,
+    DlqTotals,
+    GroupLag,
+    PartitionLag,
+    Report,
+    Sample,
+    ServiceRates,
+    StageCounters,
+    StoreCount,
+    apply_counts,
+    counter_rate,
+    describe,
+    gaps_to_count,
+    lag_of,
+    not_ready_reasons,
+    parse_stage_counters,
+    probe_service,
+    render,
+    stage_rates,
+    to_json,
+    window_text,
+)
+
+NOW = datetime(2026, 11, 26, 14, 3, 7, tzinfo=UTC)
+
+
+# ---- Prometheus text ------------------------------------------------------------------------
+
+
+def exposition(records_in: dict[str, float], records_out: dict[tuple[str, str], float]) -> str:
+    """What a service's /metrics serves: the real client library's text, _created lines included."""
+    registry = CollectorRegistry()
+    c_in = Counter("pipeline_records_in_total", "Records consumed", ["stage"], registry=registry)
+    c_out = Counter("pipeline_records_out_total", "Records produced", ["stage", "topic"], registry=registry)
+    other = Counter("pipeline_dead_letters_total", "DLQ", ["stage", "error_class"], registry=registry)
+    other.labels("ingester", "parse_error").inc(99)
+    for stage, n in records_in.items():
+        c_in.labels(stage).inc(n)
+    for (stage, topic), n in records_out.items():
+        c_out.labels(stage, topic).inc(n)
+    return generate_latest(registry).decode()
+
+
+def test_parse_takes_the_totals_by_stage_and_topic_and_ignores_the_rest() -> None:
+    text = exposition(
+        {"ingester": 1000, "storage-postgres": 40},
+        {
+            ("ingester", "pipeline.validated"): 950,
+            ("ingester", "pipeline.dlq"): 50,
+            ("storage-postgres", "postgres"): 40,
+        },
+    )
+    assert "pipeline_records_in_created" in text  # the _created samples a naive parser would add up
+    stages = parse_stage_counters(text)
+    assert set(stages) == {"ingester", "storage-postgres"}
+    assert stages["ingester"].records_in == 1000
+    assert stages["ingester"].out_by_topic == {"pipeline.validated": 950, "pipeline.dlq": 50}
+    assert stages["storage-postgres"].out_by_topic == {"postgres": 40}
+
+
+def test_parse_of_a_service_that_has_counted_nothing_yet_is_empty() -> None:
+    assert parse_stage_counters(exposition({}, {})) == {}
+    assert parse_stage_counters("") == {}
+
+
+def test_parse_handwritten_text_with_escaped_labels_and_exponents() -> None:
+    text = (
+        "# HELP pipeline_records_in_total Records consumed\n"
+        "# TYPE pipeline_records_in_total counter\n"
+        'pipeline_records_in_total{stage="processor"} 1.5e+06\n'
+        'pipeline_records_out_total{stage="processor",topic="a\\"b"} 12.0\n'
+        "process_cpu_seconds_total 3.2\n"
+    )
+    stages = parse_stage_counters(text)
+    assert stages["processor"].records_in == 1_500_000
+    assert stages["processor"].out_by_topic == {'a"b': 12.0}
+
+
+# ---- rates ---------------------------------------------------------------------------------
+
+
+def test_counter_rate() -> None:
+    assert counter_rate(100, 300, 2.0) == 100.0
+    assert counter_rate(None, 50, 2.0) == 25.0  # the series appeared between the samples
+    assert counter_rate(500, 40, 2.0) == 20.0  # reset (restart): what it counted since
+    assert counter_rate(1, 2, 0.0) == 0.0
+
+
+def test_stage_rates_cover_stages_of_either_sample() -> None:
+    before = Sample(10.0, {"ingester": StageCounters(100, {"pipeline.validated": 90, "pipeline.dlq": 10})})
+    after = Sample(
+        12.0,
+        {
+            "ingester": StageCounters(500, {"pipeline.validated": 470, "pipeline.dlq": 30}),
+            "processor": StageCounters(60, {"pipeline.processed": 58}),
+        },
+    )
+    rates = {r.stage: r for r in stage_rates(before, after)}
+    assert rates["ingester"].in_per_s == 200.0
+    assert rates["ingester"].out_per_s_by_topic == {"pipeline.dlq": 10.0, "pipeline.validated": 190.0}
+    assert rates["ingester"].out_per_s == 200.0
+    assert (rates["ingester"].in_total, rates["ingester"].out_total) == (500, 500)
+    assert rates["processor"].in_per_s == 30.0 and rates["processor"].out_per_s == 29.0
+
+
+def test_window_text_says_what_the_rates_cover() -> None:
+    assert window_text([ServiceRates("a", 2.0), ServiceRates("b", 2.01)]) == "over the last 2.0 s"
+    assert window_text([ServiceRates("a", 2.0), ServiceRates("b", 2.6)]) == "over the last 2.0-2.6 s"
+    assert window_text([ServiceRates("a", skipped="down")]) == "(no samples)"
+
+
+# ---- lag -----------------------------------------------------------------------------------
+
+
+def test_lag_arithmetic() -> None:
+    assert lag_of(committed=40, start=0, end=100) == 60
+    assert lag_of(committed=None, start=10, end=100) == 90  # never committed: from the log start
+    assert lag_of(committed=5, start=10, end=100) == 90  # below the log start: resumes there
+    assert lag_of(committed=100, start=0, end=100) == 0
+    assert lag_of(committed=105, start=0, end=100) == 0  # committed after the end was read
+
+
+def test_group_sums() -> None:
+    group = GroupLag(
+        "pipeline-processor",
+        "pipeline.validated",
+        [PartitionLag(0, 10, 0, 15), PartitionLag(1, None, 3, 8), PartitionLag(2, 7, 0, 7)],
+    )
+    assert (group.committed, group.end, group.lag) == (17, 30, 10)
+    assert GroupLag("g", "t", [PartitionLag(0, None, 0, 4)]).committed is None
+
+
+def test_transaction_markers_are_not_lag_once_counted() -> None:
+    # A transactional topic: the group read offsets 0..9, the commit marker is 10, end 11.
+    # Another group is 3 records behind on the same partition; a third is far behind.
+    caught_up = GroupLag("storage-postgres", "pipeline.processed", [PartitionLag(0, 10, 0, 11)])
+    behind = GroupLag("storage-search", "pipeline.processed", [PartitionLag(0, 7, 0, 11)])
+    far = GroupLag("storage-lake", "pipeline.processed", [PartitionLag(1, 0, 0, 50_000)])
+    lags = [caught_up, behind, far]
+    assert caught_up.lag == 1 and not caught_up.lag_exact  # offsets alone: the marker counts
+
+    gaps = gaps_to_count(lags)
+    # One read per partition, from the lowest position; the big gap is left to arithmetic.
+    assert gaps == {("pipeline.processed", 0): (7, 11)}
+    apply_counts(lags, {("pipeline.processed", 0): [7, 8, 9]})  # what a read_committed read returned
+    assert caught_up.lag == 0 and caught_up.lag_exact
+    assert behind.lag == 3 and behind.lag_exact
+    assert far.lag == 50_000 and not far.lag_exact
+
+
+def test_uncounted_partitions_keep_offset_arithmetic() -> None:
+    group = GroupLag("g", "t", [PartitionLag(0, 10, 0, 12)])
+    apply_counts([group], {})  # the read did not finish in time
+    assert group.lag == 2 and not group.lag_exact
+
+
+# ---- reports, exit codes, output ------------------------------------------------------------
+
+
+def report(**changes: object) -> Report:
+    """A healthy report; changes replace parts of it."""
+    base: dict[str, object] = {
+        "checked_at": NOW,
+        "components": [
+            Check("ingester", True, "ready", {"health": "ok", "ready": True, "readiness": "ingester: ready"}),
+            Check("opa", True, "ok"),
+            Check("kafka", True, "1 broker(s), 5 pipeline topics", {"brokers": 1}),
+        ],
+        "groups": [
+            GroupLag(
+                "pipeline-ingester", "pipeline.raw", [PartitionLag(0, 90, 0, 100), PartitionLag(1, 50, 0, 50)]
+            )
+        ],
+        "groups_error": None,
+        "groups_skipped": None,
+        "rates": [
+            ServiceRates(
+                "ingester",
+                2.0,
+                stage_rates(
+                    Sample(0.0, {"ingester": StageCounters(0, {})}),
+                    Sample(
+                        2.0, {"ingester": StageCounters(300, {"pipeline.validated": 280, "pipeline.dlq": 20})}
+                    ),
+                ),
+            )
+        ],
+        "dlq": DlqTotals(
+            total=12, by_class={"schema_violation": 10, "parse_error": 2}, by_stage={"ingester": 12}
+        ),
+        "stores": [
+            StoreCount("postgres", "rows in events", 1234),
+            StoreCount("lake", "objects under events/", 7),
+            StoreCount("search", "documents in events-*", 0),
+        ],
+    }
+    base.update(changes)
+    return Report(**base)  # type: ignore[arg-type]
+
+
+def test_healthy_report_exits_0() -> None:
+    r = report()
+    assert r.problems() == [] and r.exit_code() == 0
+
+
+def test_a_failing_component_exits_1_and_is_named() -> None:
+    r = report(components=[Check("opa", False, "unreachable"), Check("kafka", True, "ok")])
+    assert r.problems() == ["opa: unreachable"] and r.exit_code() == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"groups_error": "GROUP_AUTHORIZATION_FAILED"},
+        {"groups": [GroupLag("storage-lake", "pipeline.processed", error="timed out")]},
+        {"dlq": DlqTotals(error="no progress reading pipeline.dlq")},
+        {"stores": [StoreCount("postgres", "rows in events", error="query timed out")]},
+        {"rates": [ServiceRates("storage", error="HTTP 500")]},
+    ],
+)
+def test_data_that_could_not_be_read_exits_1(change: dict[str, object]) -> None:
+    r = report(**change)
+    assert len(r.problems()) == 1 and r.exit_code() == 1
+
+
+def test_expected_absences_and_consequences_are_not_problems() -> None:
+    # No events table yet is a fact, not a failure; counts skipped because their store is
+    # down are reported once, as that component's failure.
+    r = report(
+        stores=[
+            StoreCount("postgres", "rows in events", note="no events table yet"),
+            StoreCount("lake", "objects", skipped="not counted: s3 unhealthy"),
+        ],
+        dlq=DlqTotals(skipped="not read: kafka unreachable"),
+        groups=[],
+        groups_skipped="not read: kafka unreachable",
+        rates=[ServiceRates("ingester", skipped="no sample: ingester down")],
+    )
+    assert r.problems() == []
+
+
+def test_render_healthy() -> None:
+    text = render(report())
+    assert text.splitlines()[0] == "pipeline status at 2026-11-26 14:03:07Z: all healthy"
+    assert "  opa            ok    ok" in text
+    assert "pipeline-ingester" in text and "140" in text and "150" in text  # committed, end
+    assert "records/s over the last 2.0 s" in text
+    assert "150.0" in text and "dead letters   12: schema_violation 10, parse_error 2" in text
+    assert "1,234 rows in events" in text and "0 documents in events-*" in text
+    assert "partition" not in text and "problems" not in text
+
+
+def test_render_verbose_adds_partitions_topics_and_stages() -> None:
+    text = render(report(), verbose=True)
+    assert "partition 0" in text and "partition 1" in text
+    assert "to pipeline.dlq" in text and "by stage: ingester 12" in text
+
+
+def test_render_unhealthy_names_what_and_why() -> None:
+    text = render(
+        report(
+            components=[
+                Check("opa", False, "unreachable (connection refused)"),
+                Check("kafka", False, "denied"),
+            ],
+            stores=[StoreCount("postgres", "rows in events", note="no events table yet")],
+        )
+    )
+    assert text.splitlines()[0].endswith("UNHEALTHY: opa, kafka")
+    assert "  opa            FAIL  unreachable (connection refused)" in text
+    assert "no events table yet" in text
+    assert text.endswith("problems:\n  opa: unreachable (connection refused)\n  kafka: denied")
+
+
+def test_json_has_everything_with_integer_counts() -> None:
+    data = json.loads(orjson.dumps(to_json(report())))
+    assert data["healthy"] is True and data["problems"] == []
+    assert data["checked_at"] == "2026-11-26T14:03:07Z"
+    assert data["components"]["ingester"] == {
+        "ok": True,
+        "detail": "ready",
+        "health": "ok",
+        "ready": True,
+        "readiness": "ingester: ready",
+    }
+    [group] = data["consumer_groups"]
+    assert (group["committed"], group["end"], group["lag"], group["lag_exact"]) == (140, 150, 10, False)
+    assert [p["lag"] for p in group["partitions"]] == [10, 0]
+    assert data["rates"]["ingester"]["window_s"] == 2.0
+    assert data["rates"]["ingester"]["stages"]["ingester"]["in_per_s"] == 150.0
+    assert data["dlq"]["total"] == 12 and data["dlq"]["by_class"]["parse_error"] == 2
+    assert data["stores"]["postgres"]["count"] == 1234
+
+
+def test_not_ready_reasons_keep_only_what_waits() -> None:
+    text = "storage-postgres: ready\nstorage-lake: waiting for s3\nstorage-search: starting\n"
+    assert not_ready_reasons(text) == "storage-lake: waiting for s3; storage-search: starting"
+    assert not_ready_reasons("") == "(no reason given)"
+
+
+def test_describe() -> None:
+    assert describe(TimeoutError(), 2.5) == "no answer within 2.5s"
+    assert describe(ValueError("bad\n  thing")) == "ValueError: bad thing"
+
+
+# ---- probing with fake services ----------------------------------------------------------
+
+
+def fake_service(ready: bool, counts: list[float]) -> httpx.MockTransport:
+    """/healthz, /readyz and /metrics of a service whose records_in grows with every scrape."""
+    scrapes = iter(counts)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/healthz":
+            return httpx.Response(200, text="ok\n")
+        if request.url.path == "/readyz":
+            if ready:
+                return httpx.Response(200, text="storage-lake: ready\n")
+            return httpx.Response(503, text="storage-postgres: ready\nstorage-lake: waiting for s3\n")
+        n = next(scrapes)
+        return httpx.Response(200, text=exposition({"storage-lake": n}, {("storage-lake", "lake"): n}))
+
+    return httpx.MockTransport(handle)
+
+
+def test_a_service_that_is_not_ready_fails_with_its_reason() -> None:
+    async def probe() -> tuple[Check, Sample | str]:
+        async with httpx.AsyncClient(transport=fake_service(False, [5])) as client:
+            return await probe_service(client, "storage", "http://storage")
+
+    check, sample = asyncio.run(probe())
+    assert not check.ok and check.detail == "not ready: storage-lake: waiting for s3"
+    assert check.extra["health"] == "ok" and check.extra["ready"] is False
+    assert isinstance(sample, Sample) and sample.stages["storage-lake"].records_in == 5
+
+
+def settings_for(tmp_path: Path, port: int) -> status.StatusSettings:
+    url = f"http://127.0.0.1:{port}"
+    return status.StatusSettings(
+        kafka_bootstrap=f"127.0.0.1:{port}",
+        identity_dir=str(tmp_path),
+        opa_url=url,
+        pg_dsn=f"postgresql://u:p@127.0.0.1:{port}/x",  # type: ignore[arg-type]
+        s3_endpoint=url,
+        s3_bucket="b",
+        s3_access_key="a",
+        s3_secret_key="s",  # type: ignore[arg-type]
+        es_url=url,
+        ingester_url=url,
+        processor_url=url,
+        storage_url=url,
+    )
+
+
+def test_rates_take_a_second_sample_then_reuse_the_previous_refresh(tmp_path: Path) -> None:
+    collector = Collector(settings_for(tmp_path, 9), interval_s=0.05)
+
+    async def two_refreshes() -> tuple[list[ServiceRates], list[ServiceRates]]:
+        async with httpx.AsyncClient(transport=fake_service(True, [100, 110, 130])) as client:
+            first_sample = await status.sample_metrics(client, "http://storage")
+            first = await collector._rates(
+                client, {"storage": (Check("storage", True, "ready"), first_sample)}
+            )
+            await asyncio.sleep(0.05)
+            again = await status.sample_metrics(client, "http://storage")  # the next refresh's probe
+            second = await collector._rates(client, {"storage": (Check("storage", True, "ready"), again)})
+            return first, second
+
+    [first], [second] = asyncio.run(two_refreshes())
+    # First screen: samples 100 -> 110 at least the interval apart. Next: 100 -> 130, no
+    # extra scrape (the fake would run out of counts), measured from the first screen's start.
+    assert first.window_s is not None and first.window_s >= 0.05
+    assert first.stages[0].in_total == 110
+    assert second.window_s is not None and second.window_s > first.window_s
+    assert second.stages[0].in_total == 130
+    assert second.stages[0].in_per_s == pytest.approx(30 / second.window_s, rel=0.01)
+
+
+def test_in_thread_gives_up_at_the_timeout() -> None:
+    async def slow() -> None:
+        await status.in_thread(lambda: time.sleep(3), 0.1)
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        asyncio.run(slow())
+    assert time.monotonic() - started < 1.0
+
+
+# ---- the command -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on: connections are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nothing_reachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, closed_port: int) -> None:
+    settings = settings_for(tmp_path, closed_port)
+    for name, value in settings.model_dump().items():
+        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        monkeypatch.setenv(f"PIPELINE_{name.upper()}", str(raw))
+
+
+def test_status_with_nothing_reachable_answers_fast_and_exits_1(
+    nothing_reachable: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    code = main(["status", "--json", "--interval", "0.1"])
+    elapsed = time.monotonic() - started
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert elapsed < 2 * status.CHECK_TIMEOUT_S, elapsed
+    assert data["healthy"] is False
+    names = {p.split(":", 1)[0] for p in data["problems"]}
+    assert names == {"ingester", "processor", "storage", "opa", "postgres", "kafka", "s3", "elasticsearch"}
+    assert "identity" in data["components"]["kafka"]["detail"]  # empty identity dir: said so
+    assert data["consumer_groups_skipped"] and data["dlq"]["skipped"]
+
+
+def test_missing_setting_exits_2_naming_it(
+    nothing_reachable: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PIPELINE_STORAGE_URL")
+    monkeypatch.setenv("PIPELINE_S3_SECRET_KEY", "")
+    monkeypatch.setenv("PIPELINE_PG_DSN", "postgresql://u:hunter2@nowhere/x")
+    monkeypatch.setenv("PIPELINE_ES_URL", "elastic:9200")  # no scheme
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "storage_url" in err and "es_url" in err
+
+
+@pytest.mark.parametrize(
+    "argv", [["--interval", "0"], ["--interval", "x"], ["--watch", "-1"], ["--watch", "nan"]]
+)
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", *argv]) == 2
+    assert "status" in capsys.readouterr().err
+
+
+def test_watch_defaults() -> None:
+    from services.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["status"]).watch is None
+    assert parser.parse_args(["status", "--watch"]).watch == status.DEFAULT_WATCH_S
+    args = parser.parse_args(["status", "--watch", "10", "--json", "-v"])
+    assert (args.watch, args.json, args.verbose, args.interval) == (
+        10.0,
+        True,
+        True,
+        status.DEFAULT_INTERVAL_S,
+    )

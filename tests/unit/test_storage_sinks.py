@@ -1,0 +1,94 @@
+"""Pure parts of the storage sinks: object names, Parquet rows, search documents, settings."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from services.storage.service import StorageSettings
+from services.storage.sink_loop import StoredEvent, property_keys
+from services.storage.sinks import lake, search
+
+WHEN = datetime(2026, 11, 26, 14, 3, 7, 123456, tzinfo=UTC)
+
+
+def processed(event_id: str, **changes: object) -> dict:
+    record = {
+        "id": event_id, "type": "signup", "timestamp": WHEN, "user_id": "u00001", "user_name": "Sample User 1",
+        "user_tier": "pro", "user_known": True, "properties": orjson.dumps({"email": "a@b.c", "plan": "pro"}).decode(),
+        "source": "web", "day_of_week": "Thursday", "hour": 14, "version": 1, "received_at": WHEN,
+        "ingested_at": WHEN, "processed_at": WHEN,
+    }  # fmt: skip
+    record.update(changes)
+    return record
+
+
+def stored(event_id: str, partition: int, offset: int, **changes: object) -> StoredEvent:
+    message = SimpleNamespace(partition=lambda: partition, offset=lambda: offset)
+    return StoredEvent(message, processed(event_id, **changes))  # type: ignore[arg-type]
+
+
+def test_object_key_is_hive_partitioned_and_named_by_first_offset() -> None:
+    key = lake.object_key("events", WHEN, 3, 12345)
+    assert key == "events/date=2026-11-26/hour=14/part-003-00000000000000012345.parquet"
+
+
+def test_parquet_rows_keep_every_column_and_the_kafka_position() -> None:
+    events = [stored("a", 2, 10), stored("b", 2, 11, user_name=None, user_known=False)]
+    table = pq.read_table(io.BytesIO(lake._parquet(events, WHEN)))
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[1]["user_name"] is None and rows[1]["user_known"] is False
+    assert rows[0]["timestamp"] == WHEN
+    assert orjson.loads(rows[0]["properties"]) == {"email": "a@b.c", "plan": "pro"}
+    assert [(r["kafka_partition"], r["kafka_offset"]) for r in rows] == [(2, 10), (2, 11)]
+
+
+def test_search_document_drops_redacted_properties_only() -> None:
+    doc = search.document(processed("a"), ("email",), WHEN.isoformat())
+    assert doc["properties"] == {"plan": "pro"}
+    assert doc["id"] == "a" and doc["user_tier"] == "pro" and doc["stored_at"] == WHEN.isoformat()
+    assert set(doc) == set(search.MAPPINGS["properties"])  # every field mapped, none extra (dynamic: strict)
+
+
+def test_monthly_index_by_event_time() -> None:
+    assert search.index_name("events", processed("a")) == "events-2026.11"
+
+
+def test_property_keys_for_the_policy() -> None:
+    assert property_keys(processed("a")) == ("email", "plan")
+    assert property_keys(processed("a", properties="[1]")) == ()
+
+
+BASE_ENV = {
+    "PIPELINE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+    "PIPELINE_IDENTITY_DIR": "/tmp",
+    "PIPELINE_IDENTITY": "service-storage",
+    "PIPELINE_OPA_URL": "http://127.0.0.1:1",
+    "PIPELINE_PG_DSN": "postgresql://u:p@127.0.0.1:1/db",
+}
+
+
+@pytest.mark.parametrize(
+    ("sinks", "message"),
+    [("postgres,lake", "PIPELINE_S3_ENDPOINT"), ("search", "PIPELINE_ES_URL"), ("postgres,tape", "tape")],
+)
+def test_a_sink_without_its_settings_stops_the_service_naming_them(
+    monkeypatch: pytest.MonkeyPatch, sinks: str, message: str
+) -> None:
+    for k, v in {**BASE_ENV, "PIPELINE_SINKS": sinks}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValidationError, match=message):
+        StorageSettings()
+
+
+def test_postgres_and_analytics_need_nothing_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in {**BASE_ENV, "PIPELINE_SINKS": "postgres, analytics"}.items():
+        monkeypatch.setenv(k, v)
+    assert StorageSettings().sink_names == ["postgres", "analytics"]
