@@ -60,6 +60,7 @@ $(OPA_BIN):
 
 up: deps
 	$(PY) -m deploy.local.stack up
+	$(PY) -m deploy.local.demo
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m deploy.local.stack down; fi

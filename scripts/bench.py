@@ -1,30 +1,35 @@
 """End-to-end benchmark of the pipeline: `make bench` (`python -m scripts.bench --events N ...`).
 
 On a stack of its own (free ports, a temporary directory, never .stack/; stopped and removed
-at the end) with the three services and all four storage sinks running:
+at the end) with the three services and all four storage sinks running, after a small
+unmeasured warm-up:
 
 1. full speed: N generated events (realistic sizes; ~5 % invalid, some duplicates, test users
    and heartbeats) produced to pipeline.raw as fast as one producer can (the operator identity,
    which has no client quota; lz4, linger 10 ms), then timed until every event that belongs in
    PostgreSQL is there (the valid and unknown-user events, deduplicated);
 2. fixed rate: the same with fresh events produced at --rate events/s for --rate-seconds;
-3. pass-through baseline, the services stopped: N records through three hops of a minimal
-   consume -> re-produce loop that does no work, as the pipeline's own identities, topics and
-   groups (raw -> validated as the ingester, validated -> processed as the processor,
-   processed -> analytics as storage with group storage-bench), one process per hop running
-   side by side as the stages do; once plain (idempotent producer, auto-commit) and once
-   transactional (one transaction per consumed batch, offsets included, as the stages do).
-   Each hop starts at the end offsets of its input topic recorded before the baseline's own
-   records, so it reads exactly those (the pipeline has finished and stopped by then).
+3. pass-through baseline, with the services (and the idle search and S3 servers) stopped: N
+   records through three hops of a minimal consume -> re-produce loop that does no work, as
+   the pipeline's own identities, topics and groups (raw -> validated as the ingester,
+   validated -> processed as the processor, processed -> analytics as storage, group
+   storage-bench), one process per hop running side by side as the stages do; once plain
+   (idempotent producer, auto-commit) and once transactional (a transaction per consumed
+   batch, offsets included, as the stages do). Each hop starts at the end offsets of its input
+   topic recorded just before, so it reads exactly the baseline's records.
 
 Reported: end-to-end events/s (events expected in PostgreSQL / (last stored_at - first
 produce)); per-stage events/s (a stage's records_in counter over its busy window, from the
 services' /metrics sampled every --interval s); p50/p95/p99 end-to-end latency (PostgreSQL's
 stored_at - received_at, received_at being the raw record's produce timestamp; the baseline's
-is from that timestamp to the record being readable on pipeline.analytics); the pipeline as a
-fraction of the baseline. Writes <out>/<UTC timestamp>.json (machine, settings, results and
-the sampled time series) and <out>/<UTC timestamp>.png (throughput per stage and lag per
-group over time), and prints a table. A benchmark, not a test: nothing asserts on timings.
+runs from that timestamp to the record being readable on pipeline.analytics); the pipeline as
+a fraction of the baseline; the cores the whole machine was busy meanwhile (a noisy run shows).
+A group's lag is what its input topic received minus what the stage consumed, from the same
+counters and pipeline.raw's end offsets (the exported pipeline_consumer_lag gauge is recorded
+too, as lag_metric). Writes <out>/<UTC timestamp>.json (machine, settings, results and the
+time series) and <out>/<UTC timestamp>.png (throughput per stage and lag per group over
+time), and prints tables. A default run takes about 5 minutes on 2 cores. A benchmark, not a
+test: nothing asserts on timings.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import resource
 import select
@@ -58,6 +64,7 @@ from scripts.benchlib import (
     SINKS,
     STAGES,
     Sample,
+    busy_seconds,
     cpu_seconds,
     end_offsets,
     exit_on_signals,
@@ -285,6 +292,7 @@ class Pipeline:
         ids = stored_ids(events)
         pids = self.pids()
         cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        busy_before, t_before = busy_seconds(), time.monotonic()
         written_before = self.sampler.latest()["out"].get("storage-postgres>postgres", 0)
         begin = time.time() - self.t0
         pace = f"at {rate:,.0f}/s" if rate else "at full speed"
@@ -299,6 +307,7 @@ class Pipeline:
         end = time.time() - self.t0
         stats = self.store.stats(ids)
         cpu = {k: round(cpu_seconds(pid) - cpu_before[k], 2) for k, pid in pids.items()}
+        busy = (busy_seconds() - busy_before) / (time.monotonic() - t_before)
         seconds = (stats["last_stored"] or produced.finished) - produced.started
         result = {
             "events": len(events),
@@ -318,6 +327,9 @@ class Pipeline:
             "stages": stage_rates(self.sampler.series(), begin, end),
             "cpu_seconds": cpu,
             "cpu_s_per_100k_events": {k: round(v / len(events) * 100_000, 2) for k, v in cpu.items()},
+            # Cores in use on the whole machine over the phase (everything: the stack, this
+            # benchmark, and whatever else runs): near the core count means CPU-bound.
+            "machine_busy_cores": round(busy, 2),
             "window": [round(begin, 3), round(end, 3)],
         }
         print(
@@ -570,6 +582,7 @@ def run_baseline(
             if not ready or proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
                 raise RuntimeError(f"baseline hop not ready:\n{log.read_text()[-2000:]}")
         print(f"baseline {kind}: producing {len(records):,} records through 3 hops", flush=True)
+        busy_before, t_before = busy_seconds(), time.monotonic()
         produced = produce(stack, records)
         hops = []
         for proc, log in zip(procs, logs, strict=True):
@@ -577,6 +590,7 @@ def run_baseline(
             if proc.wait(timeout=600) != 0:
                 raise RuntimeError(f"baseline hop failed:\n{log.read_text()[-3000:]}")
             hops.append(json.loads(proc.stdout.read().strip().splitlines()[-1]))  # type: ignore[union-attr]
+        busy = (busy_seconds() - busy_before) / (time.monotonic() - t_before)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -590,6 +604,7 @@ def run_baseline(
         "seconds": round(seconds, 3),
         "events_per_s": round(len(records) / seconds),
         "latency_ms": hops[-1].get("latency_ms"),
+        "machine_busy_cores": round(busy, 2),
         "hops": {h["hop"]: {k: v for k, v in h.items() if k not in ("hop", "first", "done")} for h in hops},
     }
     print(
@@ -658,12 +673,23 @@ def print_tables(results: dict[str, Any]) -> None:
             p["drain_seconds"],
             p["events_per_s"],
             *lat(p),
+            p["machine_busy_cores"],
             "" if p["complete"] else "INCOMPLETE",
         )
         for name, p in phases.items()
     ]
     rows += [
-        (f"baseline {name}", b["records"], b["records"], b["seconds"], None, b["events_per_s"], *lat(b), "")
+        (
+            f"baseline {name}",
+            b["records"],
+            b["records"],
+            b["seconds"],
+            None,
+            b["events_per_s"],
+            *lat(b),
+            b["machine_busy_cores"],
+            "",
+        )
         for name, b in baselines.items()
         if "error" not in b
     ]
@@ -680,6 +706,7 @@ def print_tables(results: dict[str, Any]) -> None:
                 "p50 ms",
                 "p95 ms",
                 "p99 ms",
+                "busy cores",
                 "",
             ),
             rows,
@@ -687,7 +714,8 @@ def print_tables(results: dict[str, Any]) -> None:
     )
     print(
         "  (pipeline: events produced / stored in PostgreSQL, seconds from the first produce to the last"
-        " stored, drain s from the end of producing; baseline: records through 3 hops to pipeline.analytics)"
+        " stored, drain s from the end of producing; baseline: records through 3 hops to pipeline.analytics;"
+        f" busy cores: the whole machine's over the window, of {os.cpu_count()})"
     )
 
     hop_of = {h["stage"]: h["hop"] for h in HOPS}
@@ -742,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         "producer": "confluent-kafka, operator-cli identity (no quota), acks=all, idempotent, lz4, linger 10 ms",
         "sinks": "postgres, lake, search, analytics",
     }
+    before = machine()
     t = time.monotonic()
     full = list(generate_events(args.events, seed=seed))
     fixed = list(generate_events(fixed_n, seed=seed + 1))
@@ -766,8 +795,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             pipeline.close()
             samples = pipeline.sampler.series()
-        for service in reversed(stack.services.values()):
-            service.process.stop()
+        # The baseline needs Kafka only: the services stop, and so do the search and S3
+        # servers (idle by now but for background work such as index merges).
+        for process in [
+            *(s.process for s in reversed(stack.services.values())),
+            stack.search.process,
+            stack.s3.process,
+        ]:
+            process.stop()
         records = [(e.key, e.value) for e in full]
         for variant in variants:
             try:
@@ -787,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "started": started.isoformat(),
         "seconds": round(time.time() - t0, 1),
-        "machine": machine(),
+        "machine": {**before, "load_average_at_end": os.getloadavg()},
         "settings": settings,
         **results,
         "timeseries": samples,
@@ -800,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         png_path,
         samples,
         phase_windows,
-        f"pipeline bench {stamp}: {args.events:,} events, {machine()['cores']} cores",
+        f"pipeline bench {stamp}: {args.events:,} events, {before['cores']} cores",
     )
     print_tables(results)
     print(f"\nwrote {json_path} and {png_path} ({document['seconds']:.0f}s in all)")

@@ -73,6 +73,14 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, all processes) since boot:
+    the difference over a window, divided by its length, is the cores in use meanwhile."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     meminfo = dict(

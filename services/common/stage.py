@@ -83,7 +83,7 @@ class TransactionalStage:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "statistics.interval.ms": 5000,
-                "stats_cb": metrics.consumer_lag_callback(config.group_id),
+                "stats_cb": metrics.consumer_lag_callback(config.group_id, by_position=True),
             }
         )
         self.producer = Producer(

@@ -77,3 +77,13 @@ def test_topics_exist_with_their_settings(stack: Stack) -> None:
     assert int(configs[RAW]["max.message.bytes"].value) == LARGE_RECORD_BYTES
     assert int(configs[DLQ]["max.message.bytes"].value) == DLQ_RECORD_BYTES
     assert int(configs[DLQ]["retention.ms"].value) >= 30 * 24 * 3600 * 1000
+
+
+def test_demo_reports_where_every_event_went_and_the_counts_add_up(stack: Stack, capsys) -> None:  # type: ignore[no-untyped-def]
+    from deploy.local.demo import run
+
+    assert run(stack, 300)
+    out = capsys.readouterr().out
+    assert "300 in =" in out and "(DOES NOT ADD UP)" not in out
+    for sink in ("postgres", "lake", "search", "analytics"):
+        assert f"storage-{sink}" in out
