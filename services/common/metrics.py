@@ -39,24 +39,26 @@ TRANSACTIONS_ABORTED = Counter(
 )
 
 
-def consumer_lag_callback(group: str) -> Callable[[str], None]:
+def consumer_lag_callback(group: str, by_position: bool = False) -> Callable[[str], None]:
     """A librdkafka statistics callback exporting the group's lag per assigned partition
-    (the statistics do not name the group, hence one callback per consumer)."""
-    return lambda stats_json: record_consumer_lag(group, stats_json)
+    (the statistics do not name the group, hence one callback per consumer).
+
+    by_position: measure from the consumer's position instead of its committed offset.
+    Transactional stages commit offsets through their producer, which the consumer's
+    statistics never see; their position is at most two batches ahead of the commit.
+    """
+    return lambda stats_json: record_consumer_lag(group, stats_json, by_position)
 
 
-def record_consumer_lag(group: str, stats_json: str) -> None:
+def record_consumer_lag(group: str, stats_json: str, by_position: bool = False) -> None:
     stats = orjson.loads(stats_json)
     for topic, t in stats.get("topics", {}).items():
         for partition, p in t.get("partitions", {}).items():
             if partition == "-1":
                 continue
-            lag = p.get("consumer_lag", -1)
-            if lag < 0 and p.get("committed_offset", -1) < 0 <= p.get("lo_offset", -1) <= p.get(
-                "ls_offset", -1
-            ):
-                # Nothing committed yet (a new group): everything since the start is behind,
-                # as our groups start from the earliest offset.
-                lag = p["ls_offset"] - p["lo_offset"]
-            if lag >= 0:
-                CONSUMER_LAG.labels(group, topic, partition).set(lag)
+            end, start = p.get("ls_offset", -1), p.get("lo_offset", -1)
+            read = p.get("app_offset", -1) if by_position else p.get("committed_offset", -1)
+            if read < 0:
+                read = start  # nothing read or committed yet: our groups start from the earliest
+            if 0 <= read <= end:
+                CONSUMER_LAG.labels(group, topic, partition).set(end - read)
