@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from services.common.identity import X509Identity
+
+log = logging.getLogger(__name__)
 
 
 def client_config(bootstrap: str, identity: X509Identity, **overrides: Any) -> dict[str, Any]:
@@ -29,6 +32,19 @@ def client_config(bootstrap: str, identity: X509Identity, **overrides: Any) -> d
     }
     config.update(overrides)
     return config
+
+
+def usable(message: Message) -> bool:
+    """True for a record; False for a consumer event (end of partition, a passing error,
+    logged). A fatal error raises: the client is unusable and must be rebuilt."""
+    error = message.error()
+    if error is None:
+        return True
+    if error.fatal():
+        raise KafkaException(error)
+    if error.code() != KafkaError._PARTITION_EOF:
+        log.warning("consumer error", extra={"error": str(error), "topic": message.topic()})
+    return False
 
 
 @asynccontextmanager

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from services.common import metrics
 from services.common.dependencies import Stopping
-from services.common.kafka import consumer_kept_alive
+from services.common.kafka import consumer_kept_alive, usable
 from services.common.topics import DLQ_RECORD_BYTES
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class TransactionalStage:
                 messages = await asyncio.to_thread(
                     self.consumer.consume, self.config.batch_size, self.config.batch_timeout_s
                 )
-                batch = [m for m in messages if self._usable(m)]
+                batch = [m for m in messages if usable(m)]
                 if not batch:
                     in_flight = await self._settle(in_flight, [])
                     continue
@@ -155,16 +155,6 @@ class TransactionalStage:
             return None
         self._rewind(in_flight.batch + next_batch)
         return in_flight
-
-    def _usable(self, message: Message) -> bool:
-        error = message.error()
-        if error is None:
-            return True
-        if error.fatal():
-            raise KafkaException(error)
-        if error.code() != KafkaError._PARTITION_EOF:
-            log.warning("consumer error", extra={"error": str(error)})
-        return False
 
     async def _commit(self, batch: list[Message], outcome: BatchOutcome) -> bool:
         """Produce the outputs and the consumed offsets atomically; False if aborted."""

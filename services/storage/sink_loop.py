@@ -25,7 +25,7 @@ from services.common import metrics
 from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.dependencies import DependencyWaiter, Stopping
 from services.common.dlq import DeadLetters, ErrorClass
-from services.common.kafka import consumer_kept_alive
+from services.common.kafka import consumer_kept_alive, usable
 from services.common.opa import OpaClient
 from services.common.topics import PROCESSED
 
@@ -114,7 +114,7 @@ class SinkLoop:
                 )
                 self._drop_revoked(buffer)
                 for message in messages:
-                    if self._usable(message):
+                    if usable(message):
                         self._add(buffer, message)
                 if len(buffer) and self._due(buffer):
                     async with consumer_kept_alive(self.consumer):
@@ -193,16 +193,6 @@ class SinkLoop:
             # Typically a rebalance: the partitions' new owner re-reads and rewrites idempotently.
             log.warning("offset commit failed", extra={"sink": self.sink.name, "error": str(e)})
             return False
-
-    def _usable(self, message: Message) -> bool:
-        error = message.error()
-        if error is None:
-            return True
-        if error.fatal():
-            raise KafkaException(error)
-        if error.code() != KafkaError._PARTITION_EOF:
-            log.warning("consumer error", extra={"sink": self.sink.name, "error": str(error)})
-        return False
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Runs inside consume(): buffered records of these partitions now belong to their
