@@ -40,7 +40,9 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
     ingested = metric(stack, "ingester", "pipeline_records_in_total")
 
     produce_all(stack, ((e.key, e.value) for e in events[:20_000]))
-    eventually(lambda: metric(stack, "ingester", "pipeline_records_in_total") - ingested > 5_000, 120, "ingesting")
+    eventually(
+        lambda: metric(stack, "ingester", "pipeline_records_in_total") - ingested > 5_000, 120, "ingesting"
+    )
     kill(stack, "ingester")
     produce_all(stack, ((e.key, e.value) for e in events[20_000:35_000]))
     stack.start_service("ingester")
@@ -63,7 +65,9 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
     dead.read_until(lambda items: len(items) >= invalid.total(), 180, "every invalid event dead-lettered")
     assert Counter(dead.drain()) == invalid  # each invalid record dead-lettered exactly once
     kinds = Counter(e.kind for e in events)
-    assert len(ids) + invalid.total() + kinds["duplicate"] + kinds["test_user"] + kinds["heartbeat"] == len(events)
+    assert len(ids) + invalid.total() + kinds["duplicate"] + kinds["test_user"] + kinds["heartbeat"] == len(
+        events
+    )
     dead.close()
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,20 +13,9 @@ from deploy.local.stack import Stack
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dlq import DEAD_LETTER_SCHEMA, ErrorClass, FieldError, dead_letter
 from services.common.topics import DLQ, RAW, TOPICS
+from tests.integration.cli import pipectl
 from tests.integration.kafka_helpers import produce_one, read_value
 from tests.integration.kafka_read import end_offsets, produce_at, read_record
-
-
-def pipectl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_topics_lists_every_pipeline_topic_with_records_written(stack: Stack) -> None:
@@ -51,19 +37,6 @@ def test_missing_setting_exits_2_naming_it(stack: Stack) -> None:
 
 
 # ---- produce ------------------------------------------------------------------------------
-
-
-def pipectl_input(env: dict[str, str], stdin: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """pipectl with bytes on stdin (the pipectl() helper has none)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        env={**clean, **env},
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_produce_generated_events_reports_and_delivers_them_all(stack: Stack) -> None:
@@ -104,7 +77,7 @@ def test_produce_sends_json_lines_as_is_keyed_by_user_id(stack: Stack, tmp_path:
 
 def test_produce_reads_stdin_and_can_send_as_a_source(stack: Stack) -> None:
     line = f'{{"event_id": "{uuid.uuid4()}", "user_id": "u00007"}}'.encode()
-    result = pipectl_input(stack.env(), line + b"\n", "produce", "-", "--identity", "source-mobile", "--json")
+    result = pipectl(stack.env(), "produce", "-", "--identity", "source-mobile", "--json", stdin=line + b"\n")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["identity"] == "source-mobile"
     assert read_value(stack.client_config("service-ingester"), RAW, line)[0] == line

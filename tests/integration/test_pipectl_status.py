@@ -4,15 +4,13 @@ the stack's PIPELINE_* settings, as the operator identity."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from deploy.local.stack import Stack
 from services.cli.status import GROUPS
+from tests.integration.cli import pipectl
 
 COMPONENTS = {"ingester", "processor", "storage", "opa", "postgres", "kafka", "s3", "elasticsearch"}
 # Services report ready a little after they answer /healthz (the stack waits only for that),
@@ -20,20 +18,8 @@ COMPONENTS = {"ingester", "processor", "storage", "opa", "postgres", "kafka", "s
 SETTLE_S = 120.0
 
 
-def pipectl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        env={**clean, **stack.env()},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def status_json(stack: Stack) -> tuple[int, dict[str, Any]]:
-    result = pipectl(stack, "status", "--json")
+    result = pipectl(stack.env(), "status", "--json")
     assert result.returncode in (0, 1), result.stdout + result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -87,7 +73,7 @@ def test_status_shows_every_component_ok_and_every_group(stack: Stack) -> None:
     for store in ("postgres", "lake", "search"):
         assert is_count(data["stores"][store]["count"]), data["stores"][store]
 
-    text = pipectl(stack, "status", "-v")
+    text = pipectl(stack.env(), "status", "-v")
     assert text.returncode == 0, text.stdout + text.stderr
     assert text.stdout.splitlines()[0].endswith("all healthy")
     assert "records/s over the last" in text.stdout and "partition 5" in text.stdout
@@ -95,7 +81,7 @@ def test_status_shows_every_component_ok_and_every_group(stack: Stack) -> None:
 
 def test_status_counts_move_when_events_flow(stack: Stack) -> None:
     before = wait_status(stack, healthy, "every component healthy")
-    produced = pipectl(stack, "produce", "--generate", "200", "--seed", "20261126", "--json")
+    produced = pipectl(stack.env(), "produce", "--generate", "200", "--seed", "20261126", "--json")
     assert produced.returncode == 0, produced.stderr
     kinds = json.loads(produced.stdout)["kinds"]
     invalid = sum(n for kind, n in kinds.items() if kind.startswith("invalid:"))
@@ -139,7 +125,7 @@ def test_status_exits_1_naming_opa_when_opa_is_down(stack: Stack) -> None:
         # Concurrent checks with short timeouts: a dead component does not make status slow.
         assert elapsed < 20, elapsed
 
-        text = pipectl(stack, "status")
+        text = pipectl(stack.env(), "status")
         assert text.returncode == 1
         first_line = text.stdout.splitlines()[0]
         assert "UNHEALTHY" in first_line and "opa" in first_line

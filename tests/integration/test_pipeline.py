@@ -6,8 +6,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -20,6 +18,7 @@ from deploy.local.stack import Stack
 from services.cli.generate import GeneratedEvent, generate_events
 from services.common.avro import SerdeError
 from services.common.sample_users import tier_of
+from tests.integration.cli import pipectl
 from tests.integration.kafka_helpers import eventually
 from tests.integration.pipeline_helpers import (
     DLQ_SERDE,
@@ -274,7 +273,7 @@ def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
         "source": source,
     }
     raw = orjson.dumps(event)
-    stats_before = json.loads(pipectl(stack, "dlq", "stats", "--json").stdout)
+    stats_before = json.loads(pipectl(stack.env(), "dlq", "stats", "--json").stdout)
 
     def keep(message):  # type: ignore[no-untyped-def]
         try:
@@ -287,7 +286,7 @@ def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
     produce_all(stack, [(b"u00007", raw)])
     [(entry_id, letter)] = dead.read_until(lambda items: len(items) == 1, 60, "the event dead-lettered")
     assert (letter["error_class"], letter["message"]) == ("policy_denied", f'unknown source "{source}"')
-    stats = json.loads(pipectl(stack, "dlq", "stats", "--json").stdout)
+    stats = json.loads(pipectl(stack.env(), "dlq", "stats", "--json").stdout)
     assert stats["total"] == stats_before["total"] + 1
     assert stats["by_class"]["policy_denied"] == stats_before["by_class"].get("policy_denied", 0) + 1
 
@@ -296,7 +295,7 @@ def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
     assert httpx.put(source_url, json={"event_types": ["click"]}).status_code == 204
     try:
         processed = processed_reader(stack, {event["event_id"]})
-        replay = pipectl(stack, "dlq", "replay", entry_id)
+        replay = pipectl(stack.env(), "dlq", "replay", entry_id)
         assert replay.returncode == 0, replay.stderr
         counts = wait_for_all(processed, {event["event_id"]}, timeout=60)
         assert counts == {event["event_id"]: 1}
@@ -305,15 +304,3 @@ def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
     finally:
         httpx.delete(source_url)
     dead.close()
-
-
-def pipectl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")} | stack.env()
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
