@@ -24,7 +24,7 @@ from services.common.service import Supervised, run_main, run_supervised, stop_o
 from services.common.stage import BatchOutcome, OutputRecord, StageConfig, TransactionalStage
 from services.common.topics import ANALYTICS, DLQ_RECORD_BYTES, PROCESSED
 from services.common.tracing import TRACEPARENT, continue_trace
-from services.storage.sink_loop import STORAGE_POLICY, Sink, SinkLoop, property_keys
+from services.storage.sink_loop import Sink, SinkLoop, storage_decisions
 
 STAGE = "storage"
 ALL_SINKS = ("postgres", "lake", "search", "analytics")
@@ -102,11 +102,7 @@ class AnalyticsTrigger:
                     self.dead_letters.record(message, ErrorClass.POISON, f"undecodable: {e}")
                 )
                 outcome.dead_letters[ErrorClass.POISON.value] += 1
-        fields = ("type", "source", "property_keys")
-        cases = [(r["type"], r["source"], property_keys(r)) for _, r in events]
-        decisions = await self.waiter.call(
-            "opa", lambda: self.opa.decide_distinct(STORAGE_POLICY, fields, cases)
-        )
+        decisions = await self.waiter.call("opa", lambda: storage_decisions(self.opa, [r for _, r in events]))
         for (message, _), decision in zip(events, decisions, strict=True):
             if "analytics" not in decision.get("sinks", ()):
                 outcome.filtered["policy"] += 1

@@ -159,9 +159,7 @@ class SinkLoop:
     async def _allowed(self, events: list[StoredEvent]) -> list[StoredEvent]:
         """Ask the storage policy (once per distinct case) which events this sink may get,
         and which of their properties it must not see."""
-        fields = ("type", "source", "property_keys")
-        cases = [(e.record["type"], e.record["source"], property_keys(e.record)) for e in events]
-        decisions = await self.opa.decide_distinct(STORAGE_POLICY, fields, cases)
+        decisions = await storage_decisions(self.opa, [e.record for e in events])
         allowed = []
         for event, decision in zip(events, decisions, strict=True):
             if self.sink.name in decision.get("sinks", ()):
@@ -227,6 +225,13 @@ class SinkLoop:
             metrics.FILTERED.labels(stage, "policy").inc(len(buffer.events) - len(allowed))
         metrics.BATCH_SIZE.labels(stage).observe(len(buffer))
         metrics.BATCH_SECONDS.labels(stage).observe(seconds)
+
+
+async def storage_decisions(opa: OpaClient, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The storage policy's verdict per ProcessedEvent (which sinks, what to redact), asked
+    once per distinct (type, source, property names)."""
+    cases = [(r["type"], r["source"], property_keys(r)) for r in records]
+    return await opa.decide_distinct(STORAGE_POLICY, ("type", "source", "property_keys"), cases)
 
 
 def property_keys(record: dict[str, Any]) -> tuple[str, ...]:

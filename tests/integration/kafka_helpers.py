@@ -24,15 +24,10 @@ def produce_one(config: dict[str, Any], topic: str, value: bytes, timeout: float
     return outcome["err"]
 
 
-def read_value(
-    config: dict[str, Any], topic: str, wanted: bytes, timeout: float = 20.0
-) -> tuple[bytes | None, KafkaError | None]:
-    """Read every partition of `topic` from the start, without a consumer group commit.
+def consumer_from_start(config: dict[str, Any], topic: str) -> Consumer:
+    """A consumer assigned every partition of `topic` from offset 0, committing nothing.
 
-    Returns (the wanted value if seen, the first error the broker answered with).
-    librdkafka looks up the coordinator of its (unused) group even for assigned partitions;
-    that group's authorization is not what these reads are about, so its error is skipped.
-    """
+    A topic it may not describe still gets partition 0, so the broker's refusal shows."""
     consumer = Consumer(
         {
             **config,
@@ -42,9 +37,22 @@ def read_value(
             "enable.auto.offset.store": False,
         }
     )
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions] or [TopicPartition(topic, 0, 0)])
+    return consumer
+
+
+def read_value(
+    config: dict[str, Any], topic: str, wanted: bytes, timeout: float = 20.0
+) -> tuple[bytes | None, KafkaError | None]:
+    """Read every partition of `topic` from the start, without a consumer group commit.
+
+    Returns (the wanted value if seen, the first error the broker answered with).
+    librdkafka looks up the coordinator of its (unused) group even for assigned partitions;
+    that group's authorization is not what these reads are about, so its error is skipped.
+    """
+    consumer = consumer_from_start(config, topic)
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions] or [TopicPartition(topic, 0, 0)])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = consumer.poll(0.5)

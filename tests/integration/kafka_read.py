@@ -9,7 +9,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from tests.integration.kafka_helpers import QUIET
+from tests.integration.kafka_helpers import QUIET, consumer_from_start
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -50,18 +50,8 @@ def read_record(
     Like kafka_helpers.read_value: no group commits, and the unused group's authorization
     error is skipped.
     """
-    consumer = Consumer(
-        {
-            **config,
-            **QUIET,
-            "group.id": f"unused-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-        }
-    )
+    consumer = consumer_from_start(config, topic)
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for msg in consumer.consume(500, timeout=0.5):
