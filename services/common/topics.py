@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-RAW = "pipeline.raw"
+# One raw topic per source, writable only by that source's identity (the broker's OPA
+# authorizer enforces it), so an event's source is whoever could write its topic.
+RAW_PREFIX = "pipeline.raw."
+# A source name: one SPIFFE path segment (spiffe://<td>/source/<name>) and a topic suffix.
+SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# The ingester's pattern subscription (librdkafka treats a leading ^ as a regex).
+RAW_PATTERN = r"^pipeline\.raw\.[a-z0-9][a-z0-9_-]*$"
+# Which sources exist is policy data: the ingest policy's source list.
+SOURCES_FILE = Path(__file__).resolve().parents[2] / "opa" / "pipeline" / "data.json"
 VALIDATED = "pipeline.validated"
 PROCESSED = "pipeline.processed"
 DLQ = "pipeline.dlq"
@@ -16,7 +27,30 @@ DEFAULT_PARTITIONS = 6
 LARGE_RECORD_BYTES = 8 * 1024 * 1024
 # A dead letter wraps the original bytes in an envelope, so the DLQ takes a little more.
 DLQ_RECORD_BYTES = LARGE_RECORD_BYTES + 1024 * 1024
+# Validated, processed and analytics records: an event under the ingester's size limit
+# (1 MiB by default) re-encoded and enriched. A stage checks each record it writes against
+# this (minus room for headers and batch framing) and dead-letters what would not fit,
+# since a record the broker refuses would fail its whole transaction again and again.
+EVENT_RECORD_BYTES = 4 * 1024 * 1024
 DLQ_RETENTION_MS = 90 * 24 * 3600 * 1000
+
+
+def raw_topic(source: str) -> str:
+    if not SOURCE_NAME.match(source):
+        raise ValueError(f"not a source name: {source!r} (lowercase letters, digits, _ and -)")
+    return RAW_PREFIX + source
+
+
+def source_of(topic: str) -> str | None:
+    """The source whose raw topic this is, or None for any other topic."""
+    if topic.startswith(RAW_PREFIX) and SOURCE_NAME.match(topic[len(RAW_PREFIX) :]):
+        return topic[len(RAW_PREFIX) :]
+    return None
+
+
+def configured_sources(path: Path = SOURCES_FILE) -> list[str]:
+    """The sources of the policy data shipped in opa/ (the stack creates their topics)."""
+    return sorted(json.loads(path.read_text())["config"]["ingest"]["sources"])
 
 
 @dataclass(frozen=True)
@@ -26,13 +60,17 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
+def raw_topic_spec(source: str) -> TopicSpec:
+    return TopicSpec(raw_topic(source), config={"max.message.bytes": str(LARGE_RECORD_BYTES)})
+
+
+# Every topic but the raw ones, which exist per source (raw_topic_spec).
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(RAW, config={"max.message.bytes": str(LARGE_RECORD_BYTES)}),
-    TopicSpec(VALIDATED),
-    TopicSpec(PROCESSED),
+    TopicSpec(VALIDATED, config={"max.message.bytes": str(EVENT_RECORD_BYTES)}),
+    TopicSpec(PROCESSED, config={"max.message.bytes": str(EVENT_RECORD_BYTES)}),
     TopicSpec(
         DLQ,
         config={"max.message.bytes": str(DLQ_RECORD_BYTES), "retention.ms": str(DLQ_RETENTION_MS)},
     ),
-    TopicSpec(ANALYTICS),
+    TopicSpec(ANALYTICS, config={"max.message.bytes": str(EVENT_RECORD_BYTES)}),
 )
