@@ -5,13 +5,14 @@ at the end) with the three services and all four storage sinks running, after a 
 unmeasured warm-up:
 
 1. full speed: N generated events (realistic sizes; ~5 % invalid, some duplicates, test users
-   and heartbeats) produced to pipeline.raw as fast as one producer can (the operator identity,
+   and heartbeats) produced to their sources' raw topics (pipeline.raw.<source>) as fast as one
+   producer can (the operator identity,
    which has no client quota; lz4, linger 10 ms), then timed until every event that belongs in
    PostgreSQL is there (the valid and unknown-user events, deduplicated);
 2. fixed rate: the same with fresh events produced at --rate events/s for --rate-seconds;
 3. pass-through baseline, with the services (and the idle search and S3 servers) stopped: N
    records through three hops of a minimal consume -> re-produce loop that does no work, as
-   the pipeline's own identities, topics and groups (raw -> validated as the ingester,
+   the pipeline's own identities, topics and groups (pipeline.raw.web -> validated as the ingester,
    validated -> processed as the processor, processed -> analytics as storage, group
    storage-bench), one process per hop running side by side as the stages do; once plain
    (idempotent producer, auto-commit) and once transactional (a transaction per consumed
@@ -25,7 +26,7 @@ stored_at - received_at, received_at being the raw record's produce timestamp; t
 runs from that timestamp to the record being readable on pipeline.analytics); the pipeline as
 a fraction of the baseline; the cores the whole machine was busy meanwhile (a noisy run shows).
 A group's lag is what its input topic received minus what the stage consumed, from the same
-counters and pipeline.raw's end offsets (the exported pipeline_consumer_lag gauge is recorded
+counters and the raw topics' end offsets (the exported pipeline_consumer_lag gauge is recorded
 too, as lag_metric). Writes <out>/<UTC timestamp>.json (machine, settings, results and the
 time series) and <out>/<UTC timestamp>.png (throughput per stage and lag per group over
 time), and prints tables. A default run takes about 5 minutes on 2 cores. A benchmark, not a
@@ -58,6 +59,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from deploy.local.stack import Stack
 from scripts.benchlib import (
+    BASELINE_RAW,
     OPERATOR,
     QUIET,
     REPO,
@@ -71,11 +73,12 @@ from scripts.benchlib import (
     isolated_stack,
     machine,
     produce,
+    raw_topics,
     scrape,
     table,
 )
 from services.cli.generate import GeneratedEvent, generate_events
-from services.common.topics import ANALYTICS, PROCESSED, RAW, VALIDATED
+from services.common.topics import ANALYTICS, PROCESSED, VALIDATED, raw_topic
 
 # Generated kinds the pipeline stores in PostgreSQL (the others are dead-lettered, dropped as
 # duplicates or filtered by rule): see services/cli/generate.py.
@@ -83,7 +86,7 @@ STORED_KINDS = {"valid", "unknown_user"}
 # The baseline's hops: the pipeline's own three, with the identity, group and transactional
 # id prefix each may use under the broker's ACLs (opa/data.json).
 HOPS = (
-    {"hop": "raw->validated", "identity": "service-ingester", "input": RAW, "output": VALIDATED,
+    {"hop": "raw->validated", "identity": "service-ingester", "input": BASELINE_RAW, "output": VALIDATED,
      "group": "pipeline-ingester", "transactional_id": "pipeline-ingester-bench", "stage": "ingester"},
     {"hop": "validated->processed", "identity": "service-processor", "input": VALIDATED, "output": PROCESSED,
      "group": "pipeline-processor", "transactional_id": "pipeline-processor-bench", "stage": "processor"},
@@ -129,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # Each stage's consumer group and the counter of the records its input topic received.
 GROUPS = {
-    "ingester": ("pipeline-ingester", None),  # pipeline.raw: its end offsets (only we write it)
+    "ingester": ("pipeline-ingester", None),  # the raw topics: their end offsets (only we write them)
     "processor": ("pipeline-processor", f"ingester>{VALIDATED}"),
     **{sink: (sink, f"processor>{PROCESSED}") for sink in SINKS},
 }
@@ -150,7 +153,7 @@ def reading(samples: list[dict[str, Any]], stage: str, key: str | None = None) -
 class Sampler(threading.Thread):
     """Every service's /metrics every `interval` s: records in and out per stage, and each
     group's lag in records: what its input topic received minus what the stage has consumed
-    (and committed), from those counters and pipeline.raw's end offsets. The exported
+    (and committed), from those counters and the raw topics' end offsets. The exported
     pipeline_consumer_lag gauge is kept too ("lag_metric"), as the services report it."""
 
     def __init__(self, stack: Stack, interval: float, t0: float):
@@ -164,7 +167,11 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         raw = Consumer(self.stack.client_config(OPERATOR, **QUIET, **{"group.id": "pipectl-bench"}))
-        partitions = [TopicPartition(RAW, p) for p in raw.list_topics(RAW, timeout=10).topics[RAW].partitions]
+        partitions = [
+            TopicPartition(t, p)
+            for t in raw_topics()
+            for p in raw.list_topics(t, timeout=10).topics[t].partitions
+        ]
         try:
             # In parallel: a busy service answers late (its /metrics shares the event loop with
             # its batches), and must not delay the others' samples.
@@ -276,7 +283,7 @@ class Pipeline:
         self.store = Store(stack.pg_dsn)
         self.sampler = Sampler(stack, interval, t0)
         self.sampler.start()
-        self.produced = 0  # records this benchmark has put on pipeline.raw so far
+        self.produced = 0  # records this benchmark has put on the raw topics so far
 
     def close(self) -> None:
         self.sampler.stop()
@@ -299,7 +306,13 @@ class Pipeline:
         print(
             f"{name}: producing {len(events):,} events {pace}; {len(ids):,} belong in PostgreSQL", flush=True
         )
-        produced = produce(self.stack, [(e.key, e.value) for e in events], rate=rate)
+        # Each event to its source's raw topic, as the sources would send them.
+        produced = produce(
+            self.stack,
+            [(e.key, e.value) for e in events],
+            rate=rate,
+            topic=[raw_topic(e.source) for e in events],
+        )
         self.produced += produced.count
         print(f"{name}: produced in {produced.finished - produced.started:.1f}s ({produced.rate:,.0f}/s)")
         stored = self.wait_stored(ids, written_before, produced.finished)
@@ -550,7 +563,7 @@ def _own_cpu() -> float:
 def run_baseline(
     stack: Stack, records: list[tuple[bytes | None, bytes]], transactional: bool, batch: int
 ) -> dict[str, Any]:
-    """The three hops side by side over `records`, produced to pipeline.raw at full speed."""
+    """The three hops side by side over `records`, produced to one raw topic at full speed."""
     kind = "transactional" if transactional else "plain"
     procs: list[subprocess.Popen[str]] = []
     logs = []

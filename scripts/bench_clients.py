@@ -10,18 +10,18 @@ interleaved (case order rotated each round) so that load from other users of the
 spreads over all cases; the table gives the median and the min-max over the repetitions.
 
 Cases, all mTLS (SPIFFE SVIDs) through the OPA authorizer, as in production:
-  produce  N records to pipeline.raw as source-web, acks=all, idempotent.
-  consume  N records of pipeline.raw as service-ingester, group pipeline-ingester, read_committed.
-  txn      the ingester's pattern: consume a batch of pipeline.raw, produce each value to
+  produce  N records to pipeline.raw.web as source-web, acks=all, idempotent.
+  consume  N records of pipeline.raw.web as service-ingester, group pipeline-ingester, read_committed.
+  txn      the ingester's pattern: consume a batch of pipeline.raw.web, produce each value to
            pipeline.validated and commit it together with the consumed offsets in one Kafka
            transaction (transactional ids pipeline-ingester-bench-*).
 
 Where consumers start: the ingester may use only the group "pipeline-ingester", so runs cannot
-get fresh groups. Instead, a dataset of exactly N records is produced to pipeline.raw after all
+get fresh groups. Instead, a dataset of exactly N records is produced to pipeline.raw.web after all
 produce runs, the partitions' end offsets are recorded just before it (and its size checked
 after it), and every consume/txn run subscribes with the group and seeks, on assignment, to
 those offsets. The dataset is then exactly the tail of the topic (consume and txn runs only
-read pipeline.raw), so every run reads the same N records and stops at the end of the log;
+read pipeline.raw.web), so every run reads the same N records and stops at the end of the log;
 the offsets the txn runs commit to the group do not matter because of the seek. A consume or
 txn window opens when the first batch arrives (after the group join), so use N >= 100k.
 Only OPA, PostgreSQL and Kafka run: where Stack.up() also starts the pipeline's services they are
@@ -58,7 +58,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RAW = "pipeline.raw"
+# One source's raw topic, written as that source (source-web may write only this one).
+RAW = "pipeline.raw.web"
 VALIDATED = "pipeline.validated"
 GROUP = "pipeline-ingester"
 SOURCE = "source-web"
@@ -660,7 +661,7 @@ def raw_log_bytes(stack: Any) -> int:
 
 
 def make_dataset(stack: Any, base: dict[str, Any], compression: str) -> tuple[dict[int, int], float]:
-    """Append exactly N records to pipeline.raw; return the offsets where they start and the
+    """Append exactly N records to pipeline.raw.web; return the offsets where they start and the
     bytes per record they take in the log."""
     before, size = end_offsets(stack), raw_log_bytes(stack)
     run_child({**base, "runner": "confluent_produce", "compression": compression, "warmup": False})
@@ -801,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
         if "produce" in phases:
-            print("\nproduce: pipeline.raw as source-web, acks=all, idempotent")
+            print("\nproduce: pipeline.raw.web as source-web, acks=all, idempotent")
             cases = [
                 {**base, "label": f"produce confluent produce() {c} linger={LINGER_MS['confluent']}",
                  "runner": "confluent_produce", "compression": c}
@@ -825,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                 start, per_record = make_dataset(stack, base, compression)
                 print(
                     f"\ndataset: {n:,} records ({compression}, {per_record:.0f} log bytes/record) "
-                    f"at pipeline.raw offsets {start}"
+                    f"at pipeline.raw.web offsets {start}"
                 )
                 consume = {**base, "start": start}
                 consume.pop("data")
@@ -839,11 +840,11 @@ def main(argv: list[str] | None = None) -> int:
                             {**consume, "label": f"consume aiokafka getmany({batch}) data={compression}",
                              "runner": "aiokafka_consume", "batch": batch},
                         ]  # fmt: skip
-                    print(f"consume: pipeline.raw as service-ingester, group {GROUP}, read_committed")
+                    print(f"consume: pipeline.raw.web as service-ingester, group {GROUP}, read_committed")
                     run_rounds(cases, args.reps, results)
                 if "txn" in phases and compression == datasets[-1]:
                     print(
-                        f"txn: pipeline.raw -> pipeline.validated (out = its compression), "
+                        f"txn: pipeline.raw.web -> pipeline.validated (out = its compression), "
                         f"linger {TXN_LINGER_MS} ms, retry.backoff {TXN_RETRY_BACKOFF_MS} ms unless noted"
                     )
                     cases = []

@@ -1,6 +1,6 @@
 """Per-stage throughput on a stack of its own: `python -m scripts.bench_stages --events 100000`.
 
-Loads pipeline.raw with generated events while the services are stopped, then runs each
+Loads the raw topics (each event to its source's) while the services are stopped, then runs each
 service alone over the backlog (ingester, then processor, then storage with its four
 sinks side by side) and reports events/s from its first to its last record and the CPU
 seconds its process used per 100,000 events. A benchmark, not a test: nothing asserts.
@@ -15,6 +15,7 @@ import time
 from deploy.local.stack import Stack
 from scripts.benchlib import SINKS, cpu_seconds, exit_on_signals, isolated_stack, metric, produce, table
 from services.cli.generate import generate_events
+from services.common.topics import raw_topic
 
 
 def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: int) -> list[dict[str, float]]:
@@ -58,7 +59,9 @@ def main() -> None:
         for service in stack.services.values():
             service.process.stop()
         events = list(generate_events(args.events, seed=1))
-        produced = produce(stack, [(e.key, e.value) for e in events])
+        produced = produce(
+            stack, [(e.key, e.value) for e in events], topic=[raw_topic(e.source) for e in events]
+        )
         print(f"produced {produced.count} events in {produced.finished - produced.started:.1f}s")
         results = run_service(stack, "ingester", ("ingester",), len(events))
         validated = int(metric(stack, "ingester", "pipeline_records_out_total", topic="pipeline.validated"))

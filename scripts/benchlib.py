@@ -23,15 +23,25 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local.stack import Stack, free_ports
-from services.common.topics import RAW
+from services.common.topics import configured_sources, raw_topic
 
 REPO = Path(__file__).resolve().parents[1]
 SINKS = ("storage-postgres", "storage-lake", "storage-search", "storage-analytics")
 # Every stage, in pipeline order, with the service (process) that runs it.
 STAGES = {"ingester": "ingester", "processor": "processor", **dict.fromkeys(SINKS, "storage")}
-# The operator identity may write pipeline.raw and has no client quota (the source-*
-# identities are held to 32 MiB/s each), so it measures the pipeline rather than the quota.
+# The operator identity may write every source's raw topic and has no client quota (the
+# source-* identities are held to 32 MiB/s each), so it measures the pipeline rather than
+# the quota.
 OPERATOR = "operator-cli"
+# The pass-through baseline's input: one raw topic is enough for a hop that does no work.
+BASELINE_RAW = raw_topic("web")
+
+
+def raw_topics() -> list[str]:
+    """Every configured source's raw topic: what the ingester reads."""
+    return [raw_topic(s) for s in configured_sources()]
+
+
 QUIET = {"log_level": 0}
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -124,11 +134,16 @@ def produce(
     *,
     rate: float | None = None,
     identity: str = OPERATOR,
-    topic: str = RAW,
+    topic: str | Sequence[str] = BASELINE_RAW,
     linger_ms: int = 10,
 ) -> Produced:
     """Produce `records` (acks=all, idempotent, lz4) as fast as the producer can, or paced at
-    `rate` records/s, and wait for every acknowledgement. Raises on any failed delivery."""
+    `rate` records/s, and wait for every acknowledgement. Raises on any failed delivery.
+
+    `topic`: one topic for all, or one per record (each event to its source's raw topic)."""
+    topics = [topic] * len(records) if isinstance(topic, str) else topic
+    if len(topics) != len(records):
+        raise ValueError(f"{len(topics)} topics for {len(records)} records")
     failed: list[str] = []
     producer = Producer(
         stack.client_config(
@@ -143,7 +158,8 @@ def produce(
             },
         )
     )
-    producer.list_topics(topic, timeout=30)  # connect and fetch metadata outside the window
+    for name in dict.fromkeys(topics):  # connect and fetch metadata outside the window
+        producer.list_topics(name, timeout=30)
 
     def on_delivery(err: Any, _msg: Any) -> None:
         if err is not None:
@@ -161,7 +177,7 @@ def produce(
         while i < due:
             key, value = records[i]
             try:
-                send(topic, value, key, on_delivery=on_delivery)
+                send(topics[i], value, key, on_delivery=on_delivery)
             except BufferError:  # local queue full: let deliveries drain
                 poll(0.01)
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import signal
@@ -9,11 +10,13 @@ import string
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from deploy.local import tools
-from deploy.local.processes import ManagedProcess, StackError, wait_until
+from deploy.local.processes import ManagedProcess, StackError, alive, wait_until
+from services.common.health import supervisor_state_file
 
 START_TIMEOUT = 120.0
 
@@ -281,12 +284,18 @@ def raise_exited(process: ManagedProcess) -> None:
 
 
 class PipelineService:
-    """One of the pipeline's own services (python -m services.<name>), with its health port."""
+    """One of the pipeline's own services (python -m services.<name>), with its health port.
+
+    It runs under deploy/local/supervisor.py, which restarts it when it crashes: the pid
+    file is the supervisor's (stopping it stops the service), the service's own pid is in
+    the supervisor's state file (<stack>/run/<name>.supervisor.json).
+    """
 
     def __init__(self, root: Path, name: str, port: int):
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.process = ManagedProcess(name, root / "run", root / "logs")
+        self.state_file = supervisor_state_file(root, name)
 
     def healthy(self) -> bool:
         return self._get("/healthz")
@@ -301,11 +310,25 @@ class PipelineService:
             return False
 
     def start(self, env: dict[str, str]) -> None:
-        self.process.start(
-            [sys.executable, "-m", f"services.{self.name}"],
-            env={**env, "PIPELINE_HTTP_PORT": str(self.port), "PIPELINE_INSTANCE_ID": "local"},
-            cwd=tools.REPO,
-        )
+        """Start the service under its supervisor; when the supervisor runs already (the
+        service was killed and is being restarted), wait for the service to answer again."""
+        if not self.process.running():
+            self.process.start(
+                [
+                    sys.executable,
+                    "-m",
+                    "deploy.local.supervisor",
+                    f"--name={self.name}",
+                    f"--state-file={self.state_file}",
+                    f"--log-file={self.process.log_file}",
+                    "--",
+                    sys.executable,
+                    "-m",
+                    f"services.{self.name}",
+                ],
+                env={**env, "PIPELINE_HTTP_PORT": str(self.port), "PIPELINE_INSTANCE_ID": "local"},
+                cwd=tools.REPO,
+            )
         wait_until(
             self._up_or_exited,
             timeout=START_TIMEOUT,
@@ -314,6 +337,35 @@ class PipelineService:
         )
 
     def _up_or_exited(self) -> bool:
+        # The supervisor exits only when the service cannot start (bad settings, exit 2).
         if self.process.exited():
             raise_exited(self.process)
         return self.healthy()
+
+    def supervisor_state(self) -> dict[str, Any] | None:
+        """The supervisor's state file, if the supervisor that wrote it still runs."""
+        supervisor = self.process.pid
+        try:
+            state: dict[str, Any] = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return state if supervisor is not None and state.get("supervisor_pid") == supervisor else None
+
+    @property
+    def service_pid(self) -> int | None:
+        """The service process itself (the supervisor's child), while it runs."""
+        state = self.supervisor_state()
+        pid = state.get("pid") if state else None
+        return pid if isinstance(pid, int) and alive(pid) else None
+
+    def kill_service(self, timeout: float = 10.0) -> int:
+        """SIGKILL the service process only, as a crash would; its supervisor stays and
+        restarts it. Returns the pid killed, once that process is gone."""
+        pid = self.service_pid
+        if pid is None:
+            raise StackError(f"{self.name}: no service process running to kill")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda: not alive(pid), timeout=timeout, what=f"{self.name} (pid {pid}) gone after SIGKILL"
+        )
+        return pid

@@ -21,7 +21,7 @@ from deploy.local.stack import DEFAULT_ROOT, Stack
 from services.cli.generate import generate_events
 from services.cli.produce import produce_records
 from services.cli.settings import CliSettings
-from services.common.topics import PROCESSED, RAW, VALIDATED
+from services.common.topics import PROCESSED, VALIDATED, raw_topic
 
 SINKS = ("postgres", "lake", "search", "analytics")
 Samples = Counter[tuple[str, tuple[tuple[str, str], ...]]]
@@ -65,16 +65,27 @@ def settled(delta: Samples, produced: int) -> bool:
 def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
     before = scrape(stack)
     env = stack.env()
-    settings = CliSettings(kafka_bootstrap=env["PIPELINE_KAFKA_BOOTSTRAP"], identity_dir=env["PIPELINE_IDENTITY_DIR"])
-    generated = ((e.key, e.value, e.kind) for e in generate_events(events, seed=random.getrandbits(63)))
-    summary = produce_records(settings, generated, topic=RAW)
-    print(f"\ndemo: sent {summary.sent:,} generated events to {RAW} as {settings.identity} ({summary.failed} failed)")
+    settings = CliSettings(
+        kafka_bootstrap=env["PIPELINE_KAFKA_BOOTSTRAP"], identity_dir=env["PIPELINE_IDENTITY_DIR"]
+    )
+    # Each event to the raw topic of the source it comes from, as if each source sent its own
+    # (the operator may write every raw topic; a source identity only its own).
+    generated = (
+        (e.key, e.value, e.kind, raw_topic(e.source))
+        for e in generate_events(events, seed=random.getrandbits(63))
+    )
+    summary = produce_records(settings, generated)
+    print(f"\ndemo: sent {summary.sent:,} generated events as {settings.identity} ({summary.failed} failed)")
+    print("      to " + ", ".join(f"{t} {n:,}" for t, n in sorted((summary.sent_by_topic or {}).items())))
     print("      kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted((summary.kinds or {}).items())))
 
     deadline = time.monotonic() + timeout_s
     while not settled(delta := scrape(stack) - before, summary.sent):
         if time.monotonic() > deadline:
-            print(f"demo: the pipeline has not settled within {timeout_s:.0f}s; see `pipectl status`", file=sys.stderr)
+            print(
+                f"demo: the pipeline has not settled within {timeout_s:.0f}s; see `pipectl status`",
+                file=sys.stderr,
+            )
             return False
         time.sleep(0.5)
 
@@ -98,7 +109,10 @@ def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
         stage = f"storage-{sink}"
         stored = total(delta, "pipeline_records_out_total", stage=stage)
         refused = total(delta, "pipeline_dead_letters_total", stage=stage)
-        print(f"{stage:<18} {stored:>7,} of {processed:,} stored" + (f", {refused:,} refused" if refused else ""))
+        print(
+            f"{stage:<18} {stored:>7,} of {processed:,} stored"
+            + (f", {refused:,} refused" if refused else "")
+        )
     print(
         "\nnext:\n"
         "  . .stack/env\n"

@@ -27,7 +27,13 @@ from pathlib import Path
 
 import asyncpg
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from deploy.local import devca
 from deploy.local.components import KafkaBroker, OpaServer, PipelineService, PostgresServer
@@ -36,13 +42,16 @@ from deploy.local.s3server import S3Server
 from deploy.local.search_server import SearchServer
 from services.common.identity import X509Identity, identity_name, load_identity
 from services.common.kafka import client_config
-from services.common.topics import TOPICS
+from services.common.topics import TopicSpec, all_topics, configured_sources
 from services.storage.migrate import apply_migrations
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".stack"
 TD = devca.TRUST_DOMAIN
 BROKER_ID = f"spiffe://{TD}/broker/kafka"
 BOOTSTRAP_ID = f"spiffe://{TD}/admin/bootstrap"
+# One identity per configured source (opa/pipeline/data.json): each writes only its own
+# raw topic, so the broker's authorization is the event's provenance.
+SOURCE_IDS = tuple(f"spiffe://{TD}/source/{name}" for name in configured_sources())
 # Every identity the development CA issues; the broker's also names its loopback address
 # so clients verify the broker's host name as well as its trust domain.
 SPIFFE_IDS = (
@@ -50,9 +59,7 @@ SPIFFE_IDS = (
     f"spiffe://{TD}/service/ingester",
     f"spiffe://{TD}/service/processor",
     f"spiffe://{TD}/service/storage",
-    f"spiffe://{TD}/source/web",
-    f"spiffe://{TD}/source/mobile",
-    f"spiffe://{TD}/source/backend",
+    *SOURCE_IDS,
     f"spiffe://{TD}/operator/cli",
     BOOTSTRAP_ID,
 )
@@ -143,6 +150,9 @@ class Stack:
         created = self.create_topics()
         if created:
             log(f"kafka: created topics {', '.join(created)}")
+        aligned = self.align_topic_configs()
+        if aligned:
+            log(f"kafka: updated topic settings {'; '.join(aligned)}")
         self._ensure(self.s3.process, self.s3.healthy, self.s3.start, log)
         if self.s3.ensure_bucket(LAKE_BUCKET):
             log(f"s3: created bucket {LAKE_BUCKET}")
@@ -235,10 +245,11 @@ class Stack:
             return False
         return bool(metadata.brokers)
 
-    def create_topics(self) -> list[str]:
+    def create_topics(self, specs: tuple[TopicSpec, ...] | None = None) -> list[str]:
+        """Create the missing topics (default: every configured source's raw topic and the rest)."""
         admin = self.admin()
         existing = set(admin.list_topics(timeout=10).topics)
-        wanted = [t for t in TOPICS if t.name not in existing]
+        wanted = [t for t in (specs or all_topics()) if t.name not in existing]
         if not wanted:
             return []
         futures = admin.create_topics(
@@ -257,6 +268,54 @@ class Stack:
                     raise StackError(f"creating topic {name} failed: {e}") from e
         return [t.name for t in wanted]
 
+    def align_topic_configs(self, specs: tuple[TopicSpec, ...] | None = None) -> list[str]:
+        """Bring existing topics' settings in line with their TopicSpec (a newer version may
+        raise a limit, e.g. max.message.bytes); returns "topic: key=value, ..." per change.
+
+        Only the keys a spec names are compared and set (incrementally, as admin/bootstrap),
+        so settings someone added by hand stay; a topic already in line is not touched,
+        which keeps a second `up` a no-op.
+        """
+        specs = specs or all_topics()
+        admin = self.admin()
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, t.name) for t in specs if t.config]
+        current = {r.name: f for r, f in admin.describe_configs(resources, request_timeout=30).items()}
+        changes: dict[str, dict[str, str]] = {}
+        for spec in specs:
+            if not spec.config:
+                continue
+            try:
+                entries = current[spec.name].result()
+            except KafkaException as e:
+                raise StackError(f"reading the settings of topic {spec.name} failed: {e}") from e
+            differing = {k: v for k, v in spec.config.items() if k not in entries or entries[k].value != v}
+            if differing:
+                changes[spec.name] = differing
+        if not changes:
+            return []
+        futures = admin.incremental_alter_configs(
+            [
+                ConfigResource(
+                    ConfigResource.Type.TOPIC,
+                    name,
+                    incremental_configs=[
+                        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                        for k, v in config.items()
+                    ],
+                )
+                for name, config in changes.items()
+            ],
+            request_timeout=30,
+        )
+        for resource, future in futures.items():
+            try:
+                future.result()
+            except KafkaException as e:
+                raise StackError(f"updating the settings of topic {resource.name} failed: {e}") from e
+        return [
+            f"{name}: {', '.join(f'{k}={v}' for k, v in config.items())}" for name, config in changes.items()
+        ]
+
     @property
     def source_byte_rate(self) -> int:
         value = os.environ.get("PIPELINE_SOURCE_PRODUCER_BYTE_RATE", str(DEFAULT_SOURCE_PRODUCER_BYTE_RATE))
@@ -266,8 +325,7 @@ class Stack:
 
     def apply_source_quotas(self) -> bool:
         """Set each source identity's quota unless it is already what we last set."""
-        sources = [i for i in SPIFFE_IDS if "/source/" in i]
-        wanted = {i: {"producer_byte_rate": float(self.source_byte_rate)} for i in sources}
+        wanted = {i: {"producer_byte_rate": float(self.source_byte_rate)} for i in SOURCE_IDS}
         record = self.kafka.dir / "quotas.json"
         if record.exists() and json.loads(record.read_text()) == wanted:
             return False

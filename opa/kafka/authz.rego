@@ -12,6 +12,9 @@
 # A role is {"principals": [glob, ...], "grants": [grant, ...]}; a grant is
 # {"resource": TYPE or "*", "operations": [OP or "*", ...]} plus exactly one of
 # "name" (exact resource name) or "prefix" (resource name starts with it).
+# A name may contain {principal_name}: the last segment of the caller's SPIFFE ID, so
+# one grant gives every source its own topic ("pipeline.raw.{principal_name}" is
+# pipeline.raw.web for spiffe://pipeline.local/source/web and nothing else).
 package kafka.authz
 
 import rego.v1
@@ -38,6 +41,7 @@ allow if {
 	input.action.resourcePattern.patternType == "PREFIXED"
 	input.action.resourcePattern.name == ""
 	some grant in grants
+	grant_usable(grant)
 	grant_covers_type(grant, input.action.resourcePattern.resourceType)
 	grant_covers_operation(grant, input.action.operation)
 }
@@ -66,11 +70,35 @@ grants contains grant if {
 
 grant_covers_type(grant, type) if grant.resource in {type, "*"}
 
+# The caller's own name for {principal_name}: its SPIFFE ID's last segment, only when
+# that is a plain lowercase name (the source names of services/common/topics.py).
+# Anything else (dots, upper case) leaves it undefined, so a grant using the
+# placeholder matches nothing for that caller instead of an unexpected topic.
+principal_name := name if {
+	name := regex.find_n(`[^/]+$`, principal, 1)[0]
+	regex.match(`^[a-z0-9][a-z0-9_-]{0,62}$`, name)
+}
+
+placeholder := "{principal_name}"
+
+# A grant's name with the placeholder filled in; undefined when it cannot be.
+# Only names are expanded: an unexpanded "{" can never equal or prefix a real
+# Kafka resource name, so a placeholder in a prefix simply matches nothing.
+grant_name(grant) := grant.name if not contains(grant.name, placeholder)
+
+grant_name(grant) := replace(grant.name, placeholder, principal_name) if contains(grant.name, placeholder)
+
+# Whether a grant can match any resource of this caller: a placeholder it cannot fill
+# must not count for the by-type question either.
+grant_usable(grant) if not "name" in object.keys(grant)
+
+grant_usable(grant) if is_string(grant_name(grant))
+
 # A grant carrying both "name" and "prefix" (or neither) is malformed and
 # matches nothing, rather than silently meaning the wider of the two.
 grant_covers_name(grant, name) if {
 	not "prefix" in object.keys(grant)
-	grant.name == name
+	grant_name(grant) == name
 }
 
 grant_covers_name(grant, name) if {

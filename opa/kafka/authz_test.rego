@@ -75,20 +75,61 @@ denied_all(principal, cases) if {
 
 test_sources_allowed if {
 	allowed_all(web, [
-		["TOPIC", "pipeline.raw", "WRITE"],
-		["TOPIC", "pipeline.raw", "DESCRIBE"], # implied by WRITE
+		["TOPIC", "pipeline.raw.web", "WRITE"],
+		["TOPIC", "pipeline.raw.web", "DESCRIBE"], # implied by WRITE
 		["CLUSTER", "kafka-cluster", "IDEMPOTENT_WRITE"],
 	])
-	decide("spiffe://pipeline.local/source/mobile", "TOPIC", "pipeline.raw", "WRITE") == true
+	decide("spiffe://pipeline.local/source/mobile", "TOPIC", "pipeline.raw.mobile", "WRITE") == true
+	decide("spiffe://pipeline.local/source/pos_2-eu", "TOPIC", "pipeline.raw.pos_2-eu", "WRITE") == true
+}
+
+# Provenance: a source writes its own raw topic and no other, so the topic names the
+# identity that wrote a record.
+test_sources_write_only_their_own_raw_topic if {
+	denied_all(web, [
+		["TOPIC", "pipeline.raw.backend", "WRITE"],
+		["TOPIC", "pipeline.raw.mobile", "WRITE"],
+		["TOPIC", "pipeline.raw", "WRITE"], # the old shared topic
+		["TOPIC", "pipeline.raw.", "WRITE"],
+		["TOPIC", "pipeline.raw.web.x", "WRITE"], # exact name, not a prefix
+		["TOPIC", "pipeline.raw.webx", "WRITE"],
+		["TOPIC", "pipeline.raw.{principal_name}", "WRITE"], # the placeholder itself
+		["TOPIC", "pipeline.raw.backend", "DESCRIBE"],
+	])
+	decide("spiffe://pipeline.local/source/mobile", "TOPIC", "pipeline.raw.web", "WRITE") == false
+}
+
+test_sources_with_odd_names_get_nothing if {
+	every id in [
+		"spiffe://pipeline.local/source/",
+		"spiffe://pipeline.local/source/web/x",
+		"spiffe://pipeline.local/source/Web", # not a source name: upper case
+		"spiffe://pipeline.local/source/web.x", # not a source name: a dot
+	] {
+		every topic in ["pipeline.raw.web", "pipeline.raw.x", "pipeline.raw.Web", "pipeline.raw.web.x", "pipeline.raw.web/x"] {
+			decide(id, "TOPIC", topic, "WRITE") == false
+		}
+		decide_by_type(id, "TOPIC", "WRITE") == false
+	}
+}
+
+test_placeholder_only_in_names if {
+	roles := {"prefixed": {
+		"principals": ["spiffe://pipeline.local/source/*"],
+		"grants": [{"resource": "TOPIC", "prefix": "pipeline.raw.{principal_name}", "operations": ["WRITE"]}],
+	}}
+	d := authz.allow with input as request("User", web, "TOPIC", "pipeline.raw.web", "LITERAL", "WRITE")
+		with data.kafka_acl.roles as roles
+	d == false
 }
 
 test_sources_denied if {
 	denied_all(web, [
-		["TOPIC", "pipeline.raw", "READ"],
-		["TOPIC", "pipeline.raw", "DELETE"],
-		["TOPIC", "pipeline.raw", "ALTER"],
-		["TOPIC", "pipeline.raw", "DESCRIBE_CONFIGS"],
-		["TOPIC", "pipeline.raw.evil", "WRITE"], # name is exact, not a prefix
+		["TOPIC", "pipeline.raw.web", "READ"],
+		["TOPIC", "pipeline.raw.web", "DELETE"],
+		["TOPIC", "pipeline.raw.web", "ALTER"],
+		["TOPIC", "pipeline.raw.web", "DESCRIBE_CONFIGS"],
+		["TOPIC", "pipeline.raw.evil", "WRITE"], # not its own topic
 		["TOPIC", "pipeline.validated", "WRITE"],
 		["TOPIC", "pipeline.validated", "DESCRIBE"],
 		["TOPIC", "pipeline.dlq", "WRITE"],
@@ -103,18 +144,19 @@ test_sources_denied if {
 }
 
 test_sources_glob_is_one_segment if {
-	decide("spiffe://pipeline.local/source/web/extra", "TOPIC", "pipeline.raw", "WRITE") == false
-	decide("spiffe://pipeline.local/source", "TOPIC", "pipeline.raw", "WRITE") == false
-	decide("spiffe://pipeline.local/source/", "TOPIC", "pipeline.raw", "WRITE") == false
-	decide("spiffe://pipeline.local/other/source/web", "TOPIC", "pipeline.raw", "WRITE") == false
+	decide("spiffe://pipeline.local/source/web/extra", "TOPIC", "pipeline.raw.web", "WRITE") == false
+	decide("spiffe://pipeline.local/source", "TOPIC", "pipeline.raw.web", "WRITE") == false
+	decide("spiffe://pipeline.local/source/", "TOPIC", "pipeline.raw.web", "WRITE") == false
+	decide("spiffe://pipeline.local/other/source/web", "TOPIC", "pipeline.raw.web", "WRITE") == false
 }
 
 # --- ingester --------------------------------------------------------------
 
 test_ingester_allowed if {
 	allowed_all(ingester, [
-		["TOPIC", "pipeline.raw", "READ"],
-		["TOPIC", "pipeline.raw", "DESCRIBE"],
+		["TOPIC", "pipeline.raw.web", "READ"],
+		["TOPIC", "pipeline.raw.mobile", "READ"],
+		["TOPIC", "pipeline.raw.backend", "DESCRIBE"], # pattern subscription: implied by READ
 		["GROUP", "pipeline-ingester", "READ"],
 		["GROUP", "pipeline-ingester", "DESCRIBE"],
 		["TOPIC", "pipeline.validated", "WRITE"],
@@ -129,14 +171,15 @@ test_ingester_allowed if {
 
 test_ingester_denied if {
 	denied_all(ingester, [
-		["TOPIC", "pipeline.raw", "WRITE"],
+		["TOPIC", "pipeline.raw.web", "WRITE"],
+		["TOPIC", "pipeline.raw", "READ"], # the prefix is "pipeline.raw."
 		["TOPIC", "pipeline.validated", "READ"],
 		["TOPIC", "pipeline.processed", "WRITE"],
 		["TOPIC", "pipeline.dlq", "READ"],
 		["GROUP", "pipeline-processor", "READ"],
 		["GROUP", "pipeline-ingester-other", "READ"], # group name is exact
 		["TRANSACTIONAL_ID", "pipeline-processor-0", "WRITE"],
-		["TOPIC", "pipeline.raw", "DELETE"],
+		["TOPIC", "pipeline.raw.web", "DELETE"],
 		["CLUSTER", "kafka-cluster", "CREATE"],
 	])
 }
@@ -157,8 +200,8 @@ test_processor_allowed if {
 
 test_processor_denied if {
 	denied_all(processor, [
-		["TOPIC", "pipeline.raw", "READ"],
-		["TOPIC", "pipeline.raw", "DESCRIBE"],
+		["TOPIC", "pipeline.raw.web", "READ"],
+		["TOPIC", "pipeline.raw.web", "DESCRIBE"],
 		["TOPIC", "pipeline.validated", "WRITE"],
 		["TOPIC", "pipeline.processed", "READ"],
 		["GROUP", "pipeline-ingester", "READ"],
@@ -200,11 +243,14 @@ test_storage_denied if {
 
 test_operator_allowed if {
 	allowed_all(operator, [
-		["TOPIC", "pipeline.raw", "READ"],
+		["TOPIC", "pipeline.raw.web", "READ"],
 		["TOPIC", "pipeline.dlq", "READ"],
 		["TOPIC", "pipeline.analytics", "DESCRIBE"],
 		["TOPIC", "pipeline.processed", "DESCRIBE_CONFIGS"],
-		["TOPIC", "pipeline.raw", "WRITE"],
+		["TOPIC", "pipeline.raw.web", "WRITE"],
+		["TOPIC", "pipeline.raw.backend", "WRITE"], # replay to the original source's topic
+		["TOPIC", "pipeline.audit", "WRITE"],
+		["TOPIC", "pipeline.audit", "READ"],
 		["GROUP", "pipeline-ingester", "DESCRIBE"],
 		["GROUP", "storage-lake", "DESCRIBE"],
 		["GROUP", "pipectl-inspect-1", "READ"],
@@ -217,9 +263,11 @@ test_operator_allowed if {
 test_operator_denied if {
 	denied_all(operator, [
 		["TOPIC", "pipeline.dlq", "WRITE"],
+		["TOPIC", "pipeline.raw", "WRITE"],
+		["TOPIC", "pipeline.audit.x", "WRITE"],
 		["TOPIC", "pipeline.validated", "WRITE"],
-		["TOPIC", "pipeline.raw", "DELETE"],
-		["TOPIC", "pipeline.raw", "ALTER_CONFIGS"],
+		["TOPIC", "pipeline.raw.web", "DELETE"],
+		["TOPIC", "pipeline.raw.web", "ALTER_CONFIGS"],
 		["TOPIC", "other.topic", "READ"],
 		["TOPIC", "__consumer_offsets", "READ"],
 		["GROUP", "pipeline-ingester", "READ"], # may look at, not join, service groups
@@ -238,9 +286,9 @@ test_bootstrap_allowed if {
 		["CLUSTER", "kafka-cluster", "ALTER_CONFIGS"],
 		["CLUSTER", "kafka-cluster", "DESCRIBE_CONFIGS"],
 		["CLUSTER", "kafka-cluster", "DESCRIBE"],
-		["TOPIC", "pipeline.raw", "CREATE"],
-		["TOPIC", "pipeline.raw", "ALTER"],
-		["TOPIC", "pipeline.raw", "DESCRIBE"], # implied by ALTER
+		["TOPIC", "pipeline.raw.web", "CREATE"],
+		["TOPIC", "pipeline.raw.web", "ALTER"],
+		["TOPIC", "pipeline.raw.web", "DESCRIBE"], # implied by ALTER
 		["TOPIC", "pipeline.analytics", "ALTER_CONFIGS"],
 		["TOPIC", "pipeline.analytics", "DESCRIBE_CONFIGS"],
 	])
@@ -248,9 +296,9 @@ test_bootstrap_allowed if {
 
 test_bootstrap_denied if {
 	denied_all(bootstrap, [
-		["TOPIC", "pipeline.raw", "READ"],
-		["TOPIC", "pipeline.raw", "WRITE"],
-		["TOPIC", "pipeline.raw", "DELETE"],
+		["TOPIC", "pipeline.raw.web", "READ"],
+		["TOPIC", "pipeline.raw.web", "WRITE"],
+		["TOPIC", "pipeline.raw.web", "DELETE"],
 		["TOPIC", "other.topic", "CREATE"],
 		["GROUP", "pipeline-ingester", "READ"],
 		["CLUSTER", "kafka-cluster", "ALTER"],
@@ -275,21 +323,21 @@ test_broker_allowed_everything if {
 }
 
 test_broker_glob_is_exact if {
-	decide("spiffe://pipeline.local/broker/kafka2", "TOPIC", "pipeline.raw", "READ") == false
-	decide("spiffe://pipeline.local/broker/kafka/x", "TOPIC", "pipeline.raw", "READ") == false
+	decide("spiffe://pipeline.local/broker/kafka2", "TOPIC", "pipeline.raw.web", "READ") == false
+	decide("spiffe://pipeline.local/broker/kafka/x", "TOPIC", "pipeline.raw.web", "READ") == false
 }
 
 # --- implications ----------------------------------------------------------
 
 test_implications_only_describe if {
 	# READ/WRITE/ALTER imply DESCRIBE, ALTER_CONFIGS implies DESCRIBE_CONFIGS ...
-	decide(ingester, "TOPIC", "pipeline.raw", "DESCRIBE") == true
-	decide(web, "TOPIC", "pipeline.raw", "DESCRIBE") == true
+	decide(ingester, "TOPIC", "pipeline.raw.web", "DESCRIBE") == true
+	decide(web, "TOPIC", "pipeline.raw.web", "DESCRIBE") == true
 	decide(bootstrap, "TOPIC", "pipeline.x", "DESCRIBE") == true
 	decide(bootstrap, "CLUSTER", "kafka-cluster", "DESCRIBE_CONFIGS") == true
 
 	# ... but nothing else: not DESCRIBE_CONFIGS from WRITE, not the reverse.
-	decide(web, "TOPIC", "pipeline.raw", "DESCRIBE_CONFIGS") == false
+	decide(web, "TOPIC", "pipeline.raw.web", "DESCRIBE_CONFIGS") == false
 	decide(operator, "GROUP", "pipeline-ingester", "READ") == false
 	decide(operator, "CLUSTER", "kafka-cluster", "ALTER_CONFIGS") == false
 }
@@ -342,39 +390,39 @@ test_prefixed_with_a_name_is_not_a_by_type_question if {
 }
 
 test_unknown_pattern_type_denied if {
-	d := authz.allow with input as request("User", broker, "TOPIC", "pipeline.raw", "MATCH", "READ")
+	d := authz.allow with input as request("User", broker, "TOPIC", "pipeline.raw.web", "MATCH", "READ")
 	d == false
 }
 
 # --- principals ------------------------------------------------------------
 
 test_non_spiffe_principal_denied if {
-	decide("CN=web,OU=source", "TOPIC", "pipeline.raw", "WRITE") == false
-	decide("ANONYMOUS", "TOPIC", "pipeline.raw", "WRITE") == false
-	decide("source/web", "TOPIC", "pipeline.raw", "WRITE") == false
+	decide("CN=web,OU=source", "TOPIC", "pipeline.raw.web", "WRITE") == false
+	decide("ANONYMOUS", "TOPIC", "pipeline.raw.web", "WRITE") == false
+	decide("source/web", "TOPIC", "pipeline.raw.web", "WRITE") == false
 }
 
 test_other_trust_domain_denied if {
-	decide("spiffe://evil.example/source/web", "TOPIC", "pipeline.raw", "WRITE") == false
+	decide("spiffe://evil.example/source/web", "TOPIC", "pipeline.raw.web", "WRITE") == false
 	decide("spiffe://evil.example/broker/kafka", "CLUSTER", "kafka-cluster", "CLUSTER_ACTION") == false
 
 	# look-alike trust domains
-	decide("spiffe://pipeline.local.evil.example/source/web", "TOPIC", "pipeline.raw", "WRITE") == false
-	decide("spiffe://pipeline.localx/source/web", "TOPIC", "pipeline.raw", "WRITE") == false
+	decide("spiffe://pipeline.local.evil.example/source/web", "TOPIC", "pipeline.raw.web", "WRITE") == false
+	decide("spiffe://pipeline.localx/source/web", "TOPIC", "pipeline.raw.web", "WRITE") == false
 }
 
 test_non_user_principal_type_denied if {
-	d1 := authz.allow with input as request("Group", web, "TOPIC", "pipeline.raw", "LITERAL", "WRITE")
+	d1 := authz.allow with input as request("Group", web, "TOPIC", "pipeline.raw.web", "LITERAL", "WRITE")
 	d1 == false
-	d2 := authz.allow with input as request("Group", broker, "TOPIC", "pipeline.raw", "LITERAL", "READ")
+	d2 := authz.allow with input as request("Group", broker, "TOPIC", "pipeline.raw.web", "LITERAL", "READ")
 	d2 == false
-	d3 := authz.allow with input as request("user", web, "TOPIC", "pipeline.raw", "LITERAL", "WRITE")
+	d3 := authz.allow with input as request("user", web, "TOPIC", "pipeline.raw.web", "LITERAL", "WRITE")
 	d3 == false
 }
 
 test_unknown_principal_denied if {
-	decide("spiffe://pipeline.local/source2/web", "TOPIC", "pipeline.raw", "WRITE") == false
-	decide("spiffe://pipeline.local/service/unknown", "TOPIC", "pipeline.raw", "READ") == false
+	decide("spiffe://pipeline.local/source2/web", "TOPIC", "pipeline.raw.web", "WRITE") == false
+	decide("spiffe://pipeline.local/service/unknown", "TOPIC", "pipeline.raw.web", "READ") == false
 	decide("spiffe://pipeline.local/service/unknown", "CLUSTER", "kafka-cluster", "IDEMPOTENT_WRITE") == false
 }
 
@@ -399,14 +447,14 @@ test_added_role_flips_decision if {
 	d == true
 
 	# the original grants still hold alongside the new role
-	d2 := authz.allow with input as request("User", web, "TOPIC", "pipeline.raw", "LITERAL", "WRITE")
+	d2 := authz.allow with input as request("User", web, "TOPIC", "pipeline.raw.web", "LITERAL", "WRITE")
 		with data.kafka_acl.roles as roles
 	d2 == true
 }
 
 test_revoked_role_flips_decision if {
-	decide(ingester, "TOPIC", "pipeline.raw", "READ") == true
-	d := authz.allow with input as request("User", ingester, "TOPIC", "pipeline.raw", "LITERAL", "READ")
+	decide(ingester, "TOPIC", "pipeline.raw.web", "READ") == true
+	d := authz.allow with input as request("User", ingester, "TOPIC", "pipeline.raw.web", "LITERAL", "READ")
 		with data.kafka_acl.roles as object.remove(data.kafka_acl.roles, ["ingester"])
 	d == false
 }

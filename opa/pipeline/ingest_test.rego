@@ -13,18 +13,32 @@ decide(records) := decisions if {
 test_shipped_data_matches_the_contract if {
 	sources := data.pipeline.config.ingest.sources
 	object.keys(sources) == {"web", "mobile", "backend"}
-	{t | some t in sources.web.event_types} == {
-		"page_view", "click", "search", "signup", "login",
-		"logout", "add_to_cart", "purchase", "heartbeat", "debug",
+	{t | some t in sources.web.event_types} == common_types | {
+		"click", "search", "signup", "login",
+		"logout", "add_to_cart", "heartbeat", "debug",
 	}
-	{t | some t in sources.mobile.event_types} == {
+	{t | some t in sources.mobile.event_types} == common_types | {
 		"app_open", "screen_view", "click", "login", "logout",
-		"add_to_cart", "purchase", "push_open", "heartbeat", "debug",
+		"add_to_cart", "push_open", "heartbeat", "debug",
 	}
-	{t | some t in sources.backend.event_types} == {
-		"signup", "purchase", "refund", "subscription_started",
+	{t | some t in sources.backend.event_types} == common_types | {
+		"signup", "refund", "subscription_started",
 		"subscription_cancelled", "payment_failed", "heartbeat", "debug",
 	}
+}
+
+# What a new user sends first, whatever the source: every source may emit these.
+common_types := {"user_signup", "user_login", "user_logout", "page_view", "purchase"}
+
+test_common_types_allowed_for_every_source if {
+	records := [rec(source, event_type) | some source in ["web", "mobile", "backend"]; some event_type in common_types]
+	count(records) == 15
+	decide(records) == [allowed | some _ in records]
+}
+
+# The reference event of the README (its fields as the ingester sends them to the policy).
+test_reference_event_allowed if {
+	decide([{"event_id": "evt-001", "event_type": "user_signup", "source": "web", "user_id": "user-123"}]) == [allowed]
 }
 
 test_allowed_for_each_source if {
@@ -43,10 +57,10 @@ test_unknown_source if {
 }
 
 test_type_not_allowed_for_source if {
-	decide([rec("web", "refund"), rec("mobile", "signup"), rec("backend", "page_view")]) == [
+	decide([rec("web", "refund"), rec("mobile", "signup"), rec("backend", "click")]) == [
 		{"allow": false, "reason": `source "web" may not emit event type "refund"`},
 		{"allow": false, "reason": `source "mobile" may not emit event type "signup"`},
-		{"allow": false, "reason": `source "backend" may not emit event type "page_view"`},
+		{"allow": false, "reason": `source "backend" may not emit event type "click"`},
 	]
 }
 

@@ -5,6 +5,10 @@ so every command terminates however busy the topic is, and commits nothing (the 
 only satisfies the broker). Each entry is named "<partition>:<offset>" of its DLQ record.
 A record that does not decode is shown as `undecodable` with the reason; it never stops
 a command.
+
+`replay` sends each entry's original bytes back to the raw topic it came from (so the event
+keeps its source) and appends one record per command to pipeline.audit: who (the SPIFFE
+ID used), when, which entries, and where each was written.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import heapq
 import re
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,11 +42,14 @@ from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.dlq import DEAD_LETTER_SCHEMA, ErrorClass
 from services.common.identity import load_identity
 from services.common.kafka import client_config
-from services.common.topics import DLQ, RAW
+from services.common.topics import AUDIT, DLQ, RAW_PREFIX, source_of
 
 UNDECODABLE = "undecodable"
 CLASSES = (*(c.value for c in ErrorClass), UNDECODABLE)
 REPLAY_HEADER = "pipeline-replay-of"
+# Who sent the replayed record: the SPIFFE ID the replay ran as (the broker saw the same).
+REPLAYED_BY_HEADER = "pipeline-replayed-by"
+AUDIT_ACTION = "dlq.replay"
 GROUP_ID = "pipectl-dlq"
 # No record for this long while partitions are still unread: the broker is gone or
 # refusing us; fail rather than hang.
@@ -467,27 +475,65 @@ def cmd_show(reader: DlqReader, args: argparse.Namespace) -> int:
     return EXIT_OK if entry.datum is not None else EXIT_FAILURE
 
 
-def replay_headers(entry: Entry) -> list[tuple[str, bytes | None]]:
-    """The original headers, then the lineage header naming this DLQ entry.
+def replay_headers(entry: Entry, replayed_by: str) -> list[tuple[str, bytes | None]]:
+    """The original headers, then the lineage headers: this DLQ entry, and who replayed it.
 
-    An earlier pipeline-replay-of (the original was itself a replay) is replaced, not kept:
-    one value per record keeps readers simple, and the older link is still in the DLQ
-    entry this one points at.
+    An earlier pipeline-replay-of/-replayed-by (the original was itself a replay) is
+    replaced, not kept: one value per record keeps readers simple, and the older link is
+    still in the DLQ entry this one points at.
     """
     assert entry.datum is not None
-    headers = [(h["key"], h["value"]) for h in entry.datum["headers"] if h["key"] != REPLAY_HEADER]
+    ours = (REPLAY_HEADER, REPLAYED_BY_HEADER)
+    headers = [(h["key"], h["value"]) for h in entry.datum["headers"] if h["key"] not in ours]
     headers.append((REPLAY_HEADER, f"{DLQ}:{entry.id}".encode()))
+    headers.append((REPLAYED_BY_HEADER, replayed_by.encode()))
     return headers
 
 
 def _not_replayable(entry: Entry) -> str | None:
     if entry.datum is None:
         return f"undecodable: {entry.error}"
-    if entry.datum["topic"] != RAW:
+    if source_of(entry.datum["topic"]) is None:
         # Only raw records are JSON a source sent; a later stage's input is Avro that the
         # ingester would reject as a parse error. Those are fixed and re-run at their stage.
-        return f"original topic is {entry.datum['topic']}, only {RAW} records can be replayed"
+        # A record goes back only to its own source's topic, so it keeps its provenance.
+        return f"original topic is {entry.datum['topic']}, only {RAW_PREFIX}<source> records can be replayed"
     return None
+
+
+def audit_record(
+    who: str, entries: list[dict[str, Any]], failed: list[str], selection: dict[str, Any]
+) -> dict[str, Any]:
+    """One replay command as pipeline.audit keeps it."""
+    return {
+        "id": str(uuid.uuid4()),
+        "action": AUDIT_ACTION,
+        "who": who,
+        "at": _iso(datetime.now(UTC)),
+        "selection": selection,
+        "entries": entries,  # {"id": DLQ entry, "topic", "partition", "offset" written}
+        "targets": sorted({e["topic"] for e in entries}),
+        "failed": failed,
+    }
+
+
+def write_audit(settings: CliSettings, record: dict[str, Any], timeout_s: float) -> tuple[int, int]:
+    """Append the record to pipeline.audit; its (partition, offset). Raises DlqError."""
+    outcome: dict[str, Any] = {}
+    producer = Producer(producer_config(settings, timeout_s, **{"linger.ms": 0}))
+    producer.produce(
+        AUDIT,
+        orjson.dumps(record),
+        record["who"].encode(),
+        on_delivery=lambda err, msg: outcome.update(err=err, msg=msg),
+    )
+    producer.flush(timeout_s + 5)
+    err, msg = outcome.get("err"), outcome.get("msg")
+    if msg is None or err is not None:
+        raise DlqError(
+            f"writing the audit record to {AUDIT} failed: {err.str() if err else 'no delivery report'}"
+        )
+    return msg.partition(), msg.offset()
 
 
 def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespace) -> int:
@@ -524,35 +570,48 @@ def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespac
         chosen = matching()
 
     replayed: list[str] = []
+    written: list[dict[str, Any]] = []  # where each replayed entry landed, for the audit
     deliveries = Deliveries()
     producer = (
         None
         if args.dry_run
         else Producer(producer_config(settings, args.timeout, error_cb=deliveries.on_error))
     )
+    who = load_identity(settings.identity_dir, settings.identity).spiffe_id
     failed_ids: list[str] = []
+    targets: set[str] = set()
 
     def delivered(entry_id: str) -> Callable[[KafkaError | None, Message], None]:
         def report(err: KafkaError | None, msg: Message) -> None:
             deliveries.on_delivery(err, msg)
-            (failed_ids if err else replayed).append(entry_id)
+            if err:
+                failed_ids.append(entry_id)
+                return
+            replayed.append(entry_id)
+            written.append(
+                {"id": entry_id, "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+            )
 
         return report
 
     selected = 0
     for entry in chosen:
         selected += 1
+        assert entry.datum is not None
+        # Back where it came from: the source's own topic, so the ingester derives the same
+        # source from it as the first time.
+        topic = entry.datum["topic"]
+        targets.add(topic)
         if producer is None:
             replayed.append(str(entry.id))
             continue
-        assert entry.datum is not None
         while True:
             try:
                 producer.produce(
-                    RAW,
+                    topic,
                     entry.datum["value"],
                     entry.datum["key"],
-                    headers=replay_headers(entry),
+                    headers=replay_headers(entry, who),
                     on_delivery=delivered(str(entry.id)),
                 )
                 break
@@ -569,23 +628,47 @@ def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespac
             producer.flush(1)
     undelivered = selected - len(replayed) - len(failed_ids) if producer is not None else 0
     failed = len(failed_ids) + max(undelivered, 0)
-    result = {
+    by_id = lambda i: tuple(map(int, i.split(":")))  # noqa: E731 -- a sort key
+    result: dict[str, Any] = {
         "dry_run": args.dry_run,
         "selected": selected,
         "replayed": 0 if args.dry_run else len(replayed),
         "failed": failed,
         "skipped": skipped,
         "errors": deliveries.errors,
-        "ids": sorted(replayed, key=lambda i: tuple(map(int, i.split(":")))),
+        "ids": sorted(replayed, key=by_id),
         "failed_ids": failed_ids,
-        "topic": RAW,
+        "topics": sorted(targets),
+        "written": sorted(written, key=lambda w: by_id(w["id"])),
     }
+    audit_error = None
+    if not args.dry_run:
+        # Every replay command is audited, also one that replayed nothing or failed: the
+        # attempt is what an investigation asks about.
+        selection = (
+            {"ids": list(args.ids)}
+            if args.ids
+            else {
+                "classes": sorted(args.classes or ()),
+                "stage": args.stage,
+                "since": args.since,
+                "until": args.until,
+            }
+        )
+        record = audit_record(who, result["written"], sorted(failed_ids, key=by_id), selection)
+        try:
+            partition, offset = write_audit(settings, record, args.timeout)
+            result["audit"] = {"id": record["id"], "topic": AUDIT, "partition": partition, "offset": offset}
+        except DlqError as e:
+            audit_error = str(e)
+            result["audit"] = {"error": audit_error}
     if args.json:
         print(_dumps(result))
     else:
         verb = "would replay" if args.dry_run else "replayed"
         print(
-            f"{verb} {len(replayed)} of {selected} selected entries to {RAW}"
+            f"{verb} {len(replayed)} of {selected} selected entries"
+            + (f" to {', '.join(result['topics'])}" if result["topics"] else "")
             + (f", {failed} failed" if failed else "")
             + (f", {len(skipped)} skipped" if skipped else "")
         )
@@ -597,7 +680,11 @@ def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespac
             print(f"  skipped {s['id']}: {s['reason']}")
         for error in deliveries.errors:
             print(f"  error: {error}")
-    return EXIT_FAILURE if failed else EXIT_OK
+        if "audit" in result and not audit_error:
+            print(f"  audited as {who} in {AUDIT} (record {result['audit']['id']})")
+    if audit_error:
+        print(f"pipectl dlq replay: {audit_error}", file=sys.stderr)
+    return EXIT_FAILURE if failed or audit_error else EXIT_OK
 
 
 # ---- wiring -----------------------------------------------------------------------------
@@ -637,7 +724,8 @@ def add_parser(commands: Any) -> None:
     p = sub.add_parser(
         "replay",
         parents=[common],
-        help=f"re-send entries' original bytes to {RAW} (with a {REPLAY_HEADER} header)",
+        help=f"re-send entries' original bytes to the raw topic each came from (with a "
+        f"{REPLAY_HEADER} header), audited in {AUDIT}",
     )
     p.add_argument("ids", nargs="*", metavar="ID", help="entries to replay, as `list` prints them")
     _filters(p)

@@ -43,6 +43,9 @@ SOURCE_EVENT_TYPES: dict[str, tuple[str, ...]] = {
         "purchase",
         "heartbeat",
         "debug",
+        "user_signup",
+        "user_login",
+        "user_logout",
     ),
     "mobile": (
         "app_open",
@@ -55,6 +58,10 @@ SOURCE_EVENT_TYPES: dict[str, tuple[str, ...]] = {
         "push_open",
         "heartbeat",
         "debug",
+        "user_signup",
+        "user_login",
+        "user_logout",
+        "page_view",
     ),
     "backend": (
         "signup",
@@ -65,11 +72,17 @@ SOURCE_EVENT_TYPES: dict[str, tuple[str, ...]] = {
         "payment_failed",
         "heartbeat",
         "debug",
+        "user_signup",
+        "user_login",
+        "user_logout",
+        "page_view",
     ),
 }
 NOISE_TYPES = ("heartbeat", "debug")
 ALL_EVENT_TYPES = frozenset(t for types in SOURCE_EVENT_TYPES.values() for t in types)
 RAW_FIELDS = ("event_id", "event_type", "timestamp", "user_id", "properties", "source")
+# The fields an event cannot do without: `source` is optional, the raw topic names it.
+REQUIRED_FIELDS = tuple(f for f in RAW_FIELDS if f != "source")
 
 KINDS = (
     "valid",
@@ -231,6 +244,9 @@ class GeneratedEvent:
     key: bytes
     value: bytes
     kind: str
+    # The source whose raw topic the record belongs on (pipeline.raw.<source>): the source
+    # it claims, or for a claim of a source nobody registered, the one that sent it.
+    source: str = "web"
 
 
 def _cumulative(
@@ -249,14 +265,16 @@ def _cumulative(
 class _Builder:
     """Builds one event dict at a time; holds the RNG and the hot-path lookups."""
 
-    def __init__(self, rng: random.Random, start: datetime, n: int) -> None:
+    def __init__(self, rng: random.Random, start: datetime, n: int, source: str | None = None) -> None:
         self.random = rng.random
         self.getrandbits = rng.getrandbits
         # Events are spread over the time just before `start`, 0-10 ms apart, in order:
         # realistic recent traffic, never after `start` (a clock-skew check may reject events
         # from the future), so the clock starts the largest possible total gap before it.
         self.clock_ms = int(start.timestamp() * 1000) - n * 10
-        self.sources = _cumulative(SOURCE_WEIGHTS)
+        # One source only: every event is one that source could send (its own topic).
+        self.sources = _cumulative(SOURCE_WEIGHTS if source is None else ((source, 1.0),))
+        self.source_names = tuple(SOURCE_EVENT_TYPES) if source is None else (source,)
         self.types = {s: _cumulative(list(w.items())) for s, w in TYPE_WEIGHTS.items()}
         self.properties: dict[str, Callable[[str], dict[str, Any]]] = {
             "page_view": self._page_view,
@@ -604,7 +622,7 @@ class _Builder:
         """JSON that parses but breaks one rule of the raw contract."""
         variant = self.randint(0, 7)
         if variant == 0:
-            del event[self.choice(RAW_FIELDS)]
+            del event[self.choice(REQUIRED_FIELDS)]
         elif variant == 1:  # a naive timestamp: no offset, so the instant is unknown
             event["timestamp"] = event["timestamp"][:23]
         elif variant == 2:
@@ -628,7 +646,7 @@ class _Builder:
             return self.event(
                 user_id, source=self.choice(("tv", "kiosk", "smartwatch")), event_type=event_type
             )
-        source = self.choice(tuple(SOURCE_EVENT_TYPES))
+        source = self.choice(self.source_names)
         forbidden = sorted(ALL_EVENT_TYPES - set(SOURCE_EVENT_TYPES[source]))
         return self.event(user_id, source=source, event_type=self.choice(forbidden))
 
@@ -643,8 +661,10 @@ def generate_events(
     heartbeat_fraction: float = DEFAULT_HEARTBEAT_FRACTION,
     seed: int | None = None,
     start: datetime | None = None,
+    source: str | None = None,
 ) -> Iterator[GeneratedEvent]:
-    """Yield `n` raw records (key = user_id bytes, value = JSON bytes), each labelled with its kind.
+    """Yield `n` raw records (key = user_id bytes, value = JSON bytes), each labelled with its kind
+    and the source whose raw topic it belongs on; `source`: only that source's events.
 
     Each record independently becomes invalid, a duplicate, a test user's, an unknown user's
     or a heartbeat with the given probabilities, else a valid event. The output is a pure
@@ -665,6 +685,8 @@ def generate_events(
         raise ValueError(f"the fractions add up to more than 1: {sum(fractions.values()):.3f}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if source is not None and source not in SOURCE_EVENT_TYPES:
+        raise ValueError(f"the generator knows the sources {', '.join(SOURCE_EVENT_TYPES)}, not {source!r}")
 
     # Checked here, eagerly; the records come from an inner generator so a bad argument
     # fails at the call, not at the first next().
@@ -677,6 +699,7 @@ def generate_events(
         heartbeat_fraction,
         seed,
         start or datetime.now(UTC),
+        source,
     )
 
 
@@ -689,9 +712,12 @@ def _generate(
     heartbeat_fraction: float,
     seed: int | None,
     start: datetime,
+    only_source: str | None,
 ) -> Iterator[GeneratedEvent]:
     rng = random.Random(seed)
-    b = _Builder(rng, start, n)
+    b = _Builder(rng, start, n, only_source)
+    # Where a claim of an unregistered source is sent from: a registered source's topic.
+    fallback = only_source or "web"
     # Cumulative thresholds on one uniform draw per record: cheaper than nested draws and
     # makes each kind's share exactly its fraction.
     t_invalid = invalid_fraction
@@ -701,7 +727,7 @@ def _generate(
     t_heartbeat = t_unknown + heartbeat_fraction
     invalid_kinds = _cumulative(INVALID_SPLIT)
     recent_valid: list[GeneratedEvent] = []
-    draw, randint, dumps = rng.random, b.randint, orjson.dumps
+    draw, randint, dumps, pick, sources = rng.random, b.randint, orjson.dumps, b.pick, b.sources
     regular_users = FIRST_TEST_USER - 1
     user_ids = [sample_user_id(i) for i in range(SAMPLE_USER_COUNT + 1)]  # index = user number
 
@@ -710,30 +736,39 @@ def _generate(
         if r < t_invalid:
             kind = b.pick(invalid_kinds)
             user_id = user_ids[randint(1, regular_users)]
+            # The source is drawn first, as event()/event_json() would: same seed, same events.
             if kind == "invalid:parse_error":
-                value = b.parse_error(dumps(b.event(user_id)))
+                source = pick(sources)
+                value = b.parse_error(dumps(b.event(user_id, source)))
             elif kind == "invalid:schema_violation":
-                value = b.schema_violation(b.event(user_id))
+                source = pick(sources)
+                value = b.schema_violation(b.event(user_id, source))
             else:
-                value = dumps(b.policy_denied(user_id))
-            yield GeneratedEvent(user_id.encode(), value, kind)
+                event = b.policy_denied(user_id)
+                source = event["source"] if event["source"] in SOURCE_EVENT_TYPES else fallback
+                value = dumps(event)
+            yield GeneratedEvent(user_id.encode(), value, kind, source)
         elif r < t_duplicate and recent_valid:
             original = recent_valid[randint(0, len(recent_valid) - 1)]
-            yield GeneratedEvent(original.key, original.value, "duplicate")
+            yield GeneratedEvent(original.key, original.value, "duplicate", original.source)
         elif t_duplicate <= r < t_test:
             user_id = user_ids[randint(FIRST_TEST_USER, SAMPLE_USER_COUNT)]
-            yield GeneratedEvent(user_id.encode(), b.event_json(user_id), "test_user")
+            source = pick(sources)
+            yield GeneratedEvent(user_id.encode(), b.event_json(user_id, source), "test_user", source)
         elif t_test <= r < t_unknown:
             # Ids past the seeded range: well-formed, but no row in the users table.
             user_id = sample_user_id(randint(SAMPLE_USER_COUNT + 1, 99_999))
-            yield GeneratedEvent(user_id.encode(), b.event_json(user_id), "unknown_user")
+            source = pick(sources)
+            yield GeneratedEvent(user_id.encode(), b.event_json(user_id, source), "unknown_user", source)
         elif t_unknown <= r < t_heartbeat:
             user_id = user_ids[randint(1, regular_users)]
-            value = b.event_json(user_id, source=b.pick(b.sources), event_type=b.choice(NOISE_TYPES))
-            yield GeneratedEvent(user_id.encode(), value, "heartbeat")
+            source = pick(sources)
+            value = b.event_json(user_id, source=source, event_type=b.choice(NOISE_TYPES))
+            yield GeneratedEvent(user_id.encode(), value, "heartbeat", source)
         else:  # valid; also a duplicate drawn before any valid event existed to repeat
             user_id = user_ids[randint(1, regular_users)]
-            generated = GeneratedEvent(user_id.encode(), b.event_json(user_id), "valid")
+            source = pick(sources)
+            generated = GeneratedEvent(user_id.encode(), b.event_json(user_id, source), "valid", source)
             if len(recent_valid) < DUPLICATE_WINDOW:
                 recent_valid.append(generated)
             else:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
-from services.cli import dlq, produce, status
+from services.cli import dlq, produce, sources, status
 from services.cli.settings import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -27,7 +27,6 @@ from services.cli.settings import (
 )
 from services.cli.topics import topic_offsets
 from services.common.identity import IdentityError
-from services.common.topics import RAW
 
 __all__ = [
     "EXIT_CONFIG",
@@ -73,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "produce",
-        help="send raw events (JSON Lines file, stdin or generated) to pipeline.raw",
+        help="send raw events (JSON Lines file, stdin or generated) to pipeline.raw.<source>",
         description="Send JSON Lines (one event per line, sent as-is, key = its user_id) or "
-        "generated events. Exit 0 when every record was delivered, 1 when any failed.",
+        "generated events to a source's raw topic, pipeline.raw.<source>. A source-NAME identity "
+        "writes pipeline.raw.NAME; any other identity names the source with --source "
+        "(with --generate and no --source, each event goes to the topic of the source it "
+        "claims). Exit 0 when every record was delivered, 1 when any failed.",
     )
     p.add_argument("file", nargs="?", metavar="FILE|-", help="JSON Lines file, or - for stdin")
     p.add_argument("--generate", type=_number(int, 1), metavar="N", help="generate N synthetic events")
@@ -109,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="identity to send as (default PIPELINE_IDENTITY or operator-cli), e.g. source-web",
     )
-    p.add_argument("--topic", default=RAW, help=f"target topic (default {RAW})")
+    p.add_argument(
+        "--source",
+        metavar="NAME",
+        help="write pipeline.raw.NAME (required unless the identity is source-NAME or with --generate)",
+    )
     p.add_argument(
         "--timeout",
         type=_number(float, 0, open_low=True),
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq.add_parser(commands)
     status.add_parser(commands)
+    sources.add_parser(commands)
     return parser
 
 
@@ -163,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dlq.run(args, settings)
         if args.command == "status":
             return status.run(args)
+        if args.command == "sources":
+            return sources.run(args, settings)
         rows = topic_offsets(settings)
     except UsageError as e:
         print(f"pipectl {args.command}: {e}", file=sys.stderr)
@@ -178,7 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         for row in rows:
             detail = row.get("error") or f"{row['partitions']} partitions, {row['end_offsets']} records"
+            if "ingester_lag" in row:
+                detail += f", ingester lag {row['ingester_lag']}"
             print(f"{row['topic']:<22} {detail}")
+        raw = [row for row in rows if "ingester_lag" in row]
+        if len(raw) > 1:
+            print(f"{'pipeline.raw.*':<22} ingester lag {sum(row['ingester_lag'] for row in raw)} in all")
     return EXIT_FAILURE if any("error" in row for row in rows) else EXIT_OK
 
 

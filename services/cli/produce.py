@@ -1,4 +1,9 @@
-"""`pipectl produce`: send raw events to pipeline.raw from a JSON Lines file, stdin or the generator.
+"""`pipectl produce`: send raw events from a JSON Lines file, stdin or the generator.
+
+Each source writes only its own raw topic, pipeline.raw.<source> (the broker enforces it),
+so the topic follows from the identity: source-web sends to pipeline.raw.web. Any other
+identity (the operator) names the source with --source; generated events without
+--source go each to the topic of the source they claim, as if each source had sent its own.
 
 Lines are sent as they are (the bytes of the line without its line terminator), so a
 malformed line reaches the ingester and is dead-lettered there, exactly as a broken source's
@@ -21,7 +26,7 @@ from services.cli.generate import KINDS, generate_events
 from services.cli.settings import EXIT_FAILURE, EXIT_OK, CliSettings, UsageError
 from services.common.identity import load_identity
 from services.common.kafka import client_config
-from services.common.topics import LARGE_RECORD_BYTES
+from services.common.topics import LARGE_RECORD_BYTES, SOURCE_NAME, raw_topic
 
 # Errors kept verbatim for the summary; the rest are only counted.
 MAX_ERRORS_KEPT = 5
@@ -29,6 +34,39 @@ PROGRESS_INTERVAL_S = 0.5
 # Serve delivery reports every this many records: often enough to keep the callback
 # backlog small, rarely enough that poll() costs nothing per record.
 POLL_EVERY = 512
+SOURCE_IDENTITY_PREFIX = "source-"
+# (key, value, generated kind or None, topic or None for produce_records' `topic`)
+Record = tuple[bytes | None, bytes, str | None, str | None]
+
+
+def source_of_identity(identity: str) -> str | None:
+    """The source an identity name speaks for: source-web -> web; None for any other."""
+    if identity.startswith(SOURCE_IDENTITY_PREFIX):
+        name = identity[len(SOURCE_IDENTITY_PREFIX) :]
+        return name if SOURCE_NAME.fullmatch(name) else None
+    return None
+
+
+def target_source(identity: str, source: str | None, generating: bool) -> str | None:
+    """The source whose raw topic to write, or None: each generated event to its own.
+
+    A source identity writes its own topic (--source may only repeat it: the broker would
+    refuse any other). Any other identity must say --source, except with --generate.
+    Raises UsageError (exit 2) naming the flag.
+    """
+    own = source_of_identity(identity)
+    if source is not None and not SOURCE_NAME.fullmatch(source):
+        raise UsageError(f"--source {source!r} is not a source name (lowercase letters, digits, _ and -)")
+    if own is not None:
+        if source is not None and source != own:
+            raise UsageError(f"--source {source}: identity {identity} may write only {raw_topic(own)}")
+        return own
+    if source is None and not generating:
+        raise UsageError(
+            f"--source NAME is required when sending as {identity} "
+            f"(events go to pipeline.raw.NAME; a source-NAME identity needs no flag)"
+        )
+    return source
 
 
 def producer_config(settings: CliSettings, timeout_s: float, **overrides: Any) -> dict[str, Any]:
@@ -69,8 +107,8 @@ def key_of(line: bytes) -> bytes | None:
     return user_id.encode() if isinstance(user_id, str) and user_id else None
 
 
-def read_lines(stream: IO[bytes], counts: Counter[str]) -> Iterator[tuple[bytes | None, bytes, str | None]]:
-    """(key, value, kind=None) per non-blank line; blank lines are skipped and counted."""
+def read_lines(stream: IO[bytes], counts: Counter[str]) -> Iterator[Record]:
+    """(key, value, kind=None, topic=None) per non-blank line; blank lines are skipped and counted."""
     for raw in stream:
         line = raw[:-1] if raw.endswith(b"\n") else raw
         if line.endswith(b"\r"):  # a CRLF file: the terminator is not part of the event
@@ -78,7 +116,7 @@ def read_lines(stream: IO[bytes], counts: Counter[str]) -> Iterator[tuple[bytes 
         if not line.strip():
             counts["skipped"] += 1
             continue
-        yield key_of(line), line, None
+        yield key_of(line), line, None, None
 
 
 class Pacer:
@@ -123,6 +161,7 @@ class Deliveries:
 
     sent: int = 0
     failed: int = 0
+    failed_by_topic: Counter[str] = field(default_factory=Counter)
     error_counts: dict[str, int] = field(default_factory=dict)
     fatal: str | None = None
 
@@ -140,6 +179,7 @@ class Deliveries:
             self.sent += 1
             return
         self.failed += 1
+        self.failed_by_topic[msg.topic()] += 1
         self.add_error(f"{msg.topic()}: {err.str()} ({err.name()})")
 
     def on_error(self, err: KafkaError) -> None:
@@ -153,7 +193,7 @@ class Deliveries:
 
 @dataclass
 class ProduceSummary:
-    topic: str
+    topic: str  # the topic, or the topics joined by ", " when events were routed by source
     identity: str
     sent: int
     failed: int
@@ -162,6 +202,7 @@ class ProduceSummary:
     errors: list[str]
     kinds: dict[str, int] | None = None
     interrupted: bool = False
+    sent_by_topic: dict[str, int] | None = None  # only when records went to several topics
 
     @property
     def events_per_s(self) -> float:
@@ -180,6 +221,8 @@ class ProduceSummary:
         }
         if self.kinds is not None:
             out["kinds"] = self.kinds
+        if self.sent_by_topic is not None:
+            out["sent_by_topic"] = self.sent_by_topic
         if self.interrupted:
             out["interrupted"] = True
         return out
@@ -191,6 +234,8 @@ class ProduceSummary:
             + f", {self.elapsed_s:.2f}s, {self.events_per_s:,.0f} events/s"
             + (" (interrupted)" if self.interrupted else "")
         ]
+        if self.sent_by_topic:
+            lines.append("by topic: " + ", ".join(f"{t} {n}" for t, n in sorted(self.sent_by_topic.items())))
         if self.kinds:
             lines.append("generated: " + ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items())))
         lines += [f"error: {e}" for e in self.errors]
@@ -228,15 +273,16 @@ class Progress:
 
 def produce_records(
     settings: CliSettings,
-    records: Iterable[tuple[bytes | None, bytes, str | None]],
+    records: Iterable[Record],
     *,
-    topic: str,
+    topic: str | None = None,
     rate: float | None = None,
     timeout_s: float = 30.0,
     progress: bool = False,
     counts: Counter[str] | None = None,
 ) -> ProduceSummary:
-    """Send every (key, value, kind) record; wait for all delivery reports; summarise.
+    """Send every (key, value, kind, topic) record, to `topic` when the record names none;
+    wait for all delivery reports; summarise.
 
     `counts` collects per-kind counts (records with a kind) and "skipped" from the reader.
     """
@@ -257,6 +303,7 @@ def produce_records(
     status = Progress(progress)
     produce, poll = producer.produce, producer.poll
     queued = 0  # records handed to produce(), accepted or refused
+    queued_by_topic: Counter[str] = Counter()
 
     def show(force: bool = False) -> None:
         in_flight = len(producer)
@@ -265,20 +312,24 @@ def produce_records(
     interrupted = False
     started = time.monotonic()
     try:
-        for key, value, kind in records:
+        for key, value, kind, record_topic in records:
+            target = record_topic or topic
+            assert target is not None, "a record without a topic and no default topic"
             if pacer is not None:
                 pacer.wait(producer)
             while True:
                 try:
-                    produce(topic, value, key)
+                    produce(target, value, key)
                     break
                 except BufferError:  # the local queue is full: let deliveries drain it
                     poll(0.05)
                 except KafkaException as e:  # refused locally (e.g. too large): a failed record
                     deliveries.failed += 1
-                    deliveries.add_error(f"{topic}: {e.args[0].str()}")
+                    deliveries.failed_by_topic[target] += 1
+                    deliveries.add_error(f"{target}: {e.args[0].str()}")
                     break
             queued += 1
+            queued_by_topic[target] += 1
             if kind is not None:
                 counts[kind] += 1
             if queued % POLL_EVERY == 0:
@@ -305,8 +356,10 @@ def produce_records(
     # Still queued after a second Ctrl-C: not known to be delivered, so not counted as sent.
     unreported = len(producer)
     kinds = {k: v for k, v in counts.items() if k != "skipped"}
+    used = sorted(queued_by_topic) or ([topic] if topic else [])
+    by_topic = {t: queued_by_topic[t] - deliveries.failed_by_topic[t] for t in used}
     return ProduceSummary(
-        topic=topic,
+        topic=", ".join(used),
         identity=settings.identity,
         sent=queued - deliveries.failed - unreported,
         failed=deliveries.failed + unreported,
@@ -315,11 +368,14 @@ def produce_records(
         errors=deliveries.errors,
         kinds=kinds or None,
         interrupted=interrupted,
+        sent_by_topic=by_topic if len(used) > 1 else None,
     )
 
 
 def run(args: Any, settings: CliSettings) -> int:
     """The `produce` command: args from main's parser, settings already loaded."""
+    source = target_source(settings.identity, args.source, args.generate is not None)
+    topic = raw_topic(source) if source is not None else None
     counts: Counter[str] = Counter()
     stream: IO[bytes] | None = None
     if args.generate is not None:
@@ -332,10 +388,15 @@ def run(args: Any, settings: CliSettings) -> int:
             if v is not None
         }
         try:
-            events = generate_events(args.generate, seed=args.seed, **shares)
-        except ValueError as e:  # e.g. the shares add up to more than 1
+            # For one source, only events that source could send; else each to its own topic.
+            events = generate_events(args.generate, seed=args.seed, source=source, **shares)
+        except ValueError as e:  # e.g. the shares add up to more than 1, a source it cannot mimic
             raise UsageError(str(e)) from None
-        records: Iterable[tuple[bytes | None, bytes, str | None]] = ((e.key, e.value, e.kind) for e in events)
+        records: Iterable[Record] = (
+            ((e.key, e.value, e.kind, None) for e in events)
+            if topic is not None
+            else ((e.key, e.value, e.kind, raw_topic(e.source)) for e in events)
+        )
     elif args.file == "-":
         stream = sys.stdin.buffer
         records = read_lines(stream, counts)
@@ -349,7 +410,7 @@ def run(args: Any, settings: CliSettings) -> int:
         summary = produce_records(
             settings,
             records,
-            topic=args.topic,
+            topic=topic,
             rate=args.rate,
             timeout_s=args.timeout,
             progress=sys.stderr.isatty() and not args.quiet,

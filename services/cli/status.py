@@ -3,7 +3,9 @@
 Every component is asked at once, each with a short timeout, so a component that is down
 costs at most that timeout and is named instead of hanging the command: the three services
 (/healthz, /readyz), OPA, PostgreSQL, Kafka (as the operator identity), S3 and
-Elasticsearch. Besides health it shows each consumer group's lag, records/s in and out of
+Elasticsearch. With PIPELINE_STACK_DIR (the native stack) it also reads each service's
+supervisor state: restarts, the last exit and error, and a crash loop, which fails the
+service's check. Besides health it shows each consumer group's lag, records/s in and out of
 each stage (from two samples of the services' Prometheus counters), the DLQ by error class
 and how much each store holds.
 
@@ -18,6 +20,7 @@ import asyncio
 import bisect
 import contextlib
 import math
+import os
 import sys
 import threading
 import time
@@ -44,9 +47,10 @@ from pydantic import Field, SecretStr
 
 from services.cli.dlq import DlqReader
 from services.cli.settings import EXIT_FAILURE, EXIT_OK, CliSettings
+from services.common.health import supervisor_state_file
 from services.common.identity import load_identity
 from services.common.kafka import client_config
-from services.common.topics import PROCESSED, RAW, TOPICS, VALIDATED
+from services.common.topics import PROCESSED, RAW_PREFIX, VALIDATED, all_topics, source_of
 
 T = TypeVar("T")
 
@@ -65,10 +69,13 @@ DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WATCH_S = 5.0
 
 SERVICES = ("ingester", "processor", "storage")
+# The ingester reads every source's raw topic (a pattern subscription): its lag is the sum
+# over them, shown per topic with -v. RAW_TOPICS stands for them wherever a topic is named.
+RAW_TOPICS = RAW_PREFIX + "*"
 # Each consumer group and the topic it reads. The stages are `pipeline-<stage>`
 # (services/common/service.py); storage runs one group per sink (services/storage/service.py).
 GROUPS: tuple[tuple[str, str], ...] = (
-    ("pipeline-ingester", RAW),
+    ("pipeline-ingester", RAW_TOPICS),
     ("pipeline-processor", VALIDATED),
     *((f"storage-{sink}", PROCESSED) for sink in ("postgres", "lake", "search", "analytics")),
 )
@@ -93,6 +100,8 @@ class StatusSettings(CliSettings):
     ingester_url: str = Field(pattern=r"^https?://")
     processor_url: str = Field(pattern=r"^https?://")
     storage_url: str = Field(pattern=r"^https?://")
+    # The native stack's directory: where each service's supervisor keeps its state.
+    stack_dir: str | None = None
 
     def service_url(self, name: str) -> str:
         url: str = getattr(self, f"{name}_url")
@@ -137,6 +146,7 @@ class PartitionLag:
     # Records actually readable between position and end, when counted (see count_readable);
     # offsets also number transaction markers and aborted records, which are not lag.
     readable: int | None = None
+    topic: str = ""  # the partition's topic; "" means the group's one topic
 
     @property
     def position(self) -> int:
@@ -174,6 +184,14 @@ class GroupLag:
     @property
     def lag_exact(self) -> bool:
         return all(p.exact for p in self.partitions)
+
+    def by_topic(self) -> dict[str, GroupLag]:
+        """The group's partitions split by topic (one entry for a one-topic group)."""
+        split: dict[str, GroupLag] = {}
+        for p in self.partitions:
+            topic = p.topic or self.topic
+            split.setdefault(topic, GroupLag(self.group, topic)).partitions.append(p)
+        return split
 
 
 @dataclass
@@ -386,6 +404,62 @@ async def probe_service(client: httpx.AsyncClient, name: str, url: str) -> tuple
     return check, describe_sample(metrics)
 
 
+def read_supervision(stack_dir: str | None, service: str) -> dict[str, Any] | None:
+    """The supervisor's state of a service (deploy/local/supervisor.py), None without one."""
+    if not stack_dir:
+        return None
+    try:
+        state = orjson.loads(supervisor_state_file(stack_dir, service).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _running(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the stack runs as another user: it exists
+        return True
+    return True
+
+
+def last_exit_text(state: dict[str, Any]) -> str | None:
+    """`killed by SIGKILL at ...` or `exit code 1 at ...`, None before any exit."""
+    if state.get("last_exit_signal"):
+        how = f"killed by {state['last_exit_signal']}"
+    elif state.get("last_exit_code") is not None:
+        how = f"exit code {state['last_exit_code']}"
+    else:
+        return None
+    return f"{how} at {state['last_exit_at']}" if state.get("last_exit_at") else how
+
+
+def with_supervision(check: Check, state: dict[str, Any] | None) -> Check:
+    """Adds the supervisor's restarts, last exit and error to a service's check; a crash
+    loop fails it. A state left by a supervisor that no longer runs is history: its
+    restarts are shown, but no crash loop is current."""
+    if state is None:
+        check.extra.update(restarts=None, crash_looping=None, last_exit=None, last_error=None)
+        return check
+    restarts = int(state.get("restarts") or 0)
+    looping = bool(state.get("crash_looping")) and _running(state.get("supervisor_pid"))
+    errors = [str(line) for line in state.get("last_error") or []]
+    check.extra.update(
+        restarts=restarts, crash_looping=looping, last_exit=last_exit_text(state), last_error=errors
+    )
+    if looping:
+        window = float(state.get("crash_window_s") or 300) / 60
+        recent = state.get("restarts_in_window", restarts)
+        loop = f"crash looping: {recent} restarts in {window:g} min"
+        check.ok = False
+        check.detail = f"{loop}; {check.detail}" if check.detail != "ready" else loop
+    return check
+
+
 def describe_sample(result: Sample | BaseException) -> Sample | str:
     return describe(result, CHECK_TIMEOUT_S) if isinstance(result, BaseException) else result
 
@@ -531,7 +605,8 @@ def kafka_check(metadata: ClusterMetadata) -> Check:
     """Healthy when the broker answers and the operator sees every pipeline topic: while OPA
     is away the broker denies us, and topics we may not describe vanish from the metadata."""
     by_reason: dict[str, list[str]] = {}
-    for spec in TOPICS:
+    specs = all_topics()  # every configured source's raw topic and the rest
+    for spec in specs:
         topic = metadata.topics.get(spec.name)
         if topic is None:
             reason = "not visible (missing, or not authorized)"
@@ -544,7 +619,7 @@ def kafka_check(metadata: ClusterMetadata) -> Check:
     if by_reason:
         detail = "; ".join(f"{reason}: {', '.join(names)}" for reason, names in by_reason.items())
         return Check("kafka", False, detail, {"brokers": brokers})
-    return Check("kafka", True, f"{brokers} broker(s), {len(TOPICS)} pipeline topics", {"brokers": brokers})
+    return Check("kafka", True, f"{brokers} broker(s), {len(specs)} pipeline topics", {"brokers": brokers})
 
 
 def read_group_lags(kafka: KafkaClient, deadline: float) -> list[GroupLag]:
@@ -558,9 +633,13 @@ def read_group_lags(kafka: KafkaClient, deadline: float) -> list[GroupLag]:
     count_readable), since offsets also number transaction markers.
     """
     admin, metadata = kafka.admin, kafka.metadata
+    # Every raw topic that exists, configured or not: the ingester's pattern reads them all.
+    raw = sorted(t for t in metadata.topics if source_of(t) is not None)
+    topics_of = {label: raw if label == RAW_TOPICS else [label] for _, label in GROUPS}
     partitions = {
         topic: sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
-        for topic in dict.fromkeys(topic for _, topic in GROUPS)
+        for label in dict.fromkeys(label for _, label in GROUPS)
+        for topic in topics_of[label]
     }
     every = [TopicPartition(t, p) for t, ps in partitions.items() for p in ps]
     if not every:
@@ -574,33 +653,38 @@ def read_group_lags(kafka: KafkaClient, deadline: float) -> list[GroupLag]:
     starts = admin.list_offsets({tp: OffsetSpec.earliest() for tp in every}, request_timeout=DATA_TIMEOUT_S)
     end_of = {(tp.topic, tp.partition): future for tp, future in ends.items()}
     start_of = {(tp.topic, tp.partition): future for tp, future in starts.items()}
+    group_partitions = {
+        group: [TopicPartition(t, p) for t in topics_of[label] for p in partitions[t]]
+        for group, label in GROUPS
+    }
     committed = {
         # One group per request: the API's limit.
         group: admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions[topic]])],
+            [ConsumerGroupTopicPartitions(group, group_partitions[group])],
             request_timeout=DATA_TIMEOUT_S,
         )[group]
-        for group, topic in GROUPS
-        if partitions[topic]
+        for group, _ in GROUPS
+        if group_partitions[group]
     }
     lags = []
-    for group, topic in GROUPS:
-        lag = GroupLag(group, topic)
+    for group, label in GROUPS:
+        lag = GroupLag(group, label)
         lags.append(lag)
         if group not in committed:
-            lag.error = f"topic {topic} not visible"
+            lag.error = f"topic {label} not visible"
             continue
         try:
-            offsets = {tp.partition: tp for tp in committed[group].result().topic_partitions}
-            for p in partitions[topic]:
-                got = offsets.get(p)
+            offsets = {(tp.topic, tp.partition): tp for tp in committed[group].result().topic_partitions}
+            for tp in group_partitions[group]:
+                topic, p = tp.topic, tp.partition
+                got = offsets.get((topic, p))
                 if got is not None and got.error is not None:
                     raise KafkaException(got.error)
                 # A negative offset (OFFSET_INVALID) means nothing committed for the partition.
                 position = got.offset if got is not None and got.offset >= 0 else None
                 start = start_of[(topic, p)].result().offset
                 end = end_of[(topic, p)].result().offset
-                lag.partitions.append(PartitionLag(p, position, start, end))
+                lag.partitions.append(PartitionLag(p, position, start, end, topic=topic))
         except Exception as e:
             lag.error, lag.partitions = describe(e), []
     gaps = gaps_to_count(lags)
@@ -618,7 +702,7 @@ def gaps_to_count(lags: list[GroupLag]) -> dict[tuple[str, int], tuple[int, int]
     for group in lags:
         for p in group.partitions:
             if 0 < lag_of(p.committed, p.start, p.end) <= COUNT_LAG_UP_TO:
-                key = (group.topic, p.partition)
+                key = (p.topic or group.topic, p.partition)
                 low = min(p.position, gaps[key][0]) if key in gaps else p.position
                 gaps[key] = (low, p.end)
     return gaps
@@ -628,7 +712,7 @@ def apply_counts(lags: list[GroupLag], counted: dict[tuple[str, int], list[int]]
     """Each counted partition's lag: the readable records at or after the group's position."""
     for group in lags:
         for p in group.partitions:
-            offsets = counted.get((group.topic, p.partition))
+            offsets = counted.get((p.topic or group.topic, p.partition))
             if offsets is not None and 0 < lag_of(p.committed, p.start, p.end) <= COUNT_LAG_UP_TO:
                 p.readable = len(offsets) - bisect.bisect_left(offsets, p.position)
 
@@ -793,7 +877,17 @@ class Collector:
             rates = await self._rates(client, dict(zip(SERVICES, service_results, strict=True)))
         return Report(
             checked_at=datetime.now(UTC),
-            components=[*(check for check, _ in service_results), opa, postgres, kafka.check, s3, search],
+            components=[
+                *(
+                    with_supervision(c, read_supervision(settings.stack_dir, c.name))
+                    for c, _ in service_results
+                ),
+                opa,
+                postgres,
+                kafka.check,
+                s3,
+                search,
+            ],
             groups=kafka.groups,
             groups_error=kafka.groups_error,
             groups_skipped=kafka.groups_skipped,
@@ -859,8 +953,14 @@ def to_json(report: Report) -> dict[str, Any]:
             "end": g.end,
             "lag": g.lag,
             "lag_exact": g.lag_exact,
+            # Per topic: the ingester's group reads one raw topic per source.
+            "topics": [
+                {"topic": t, "committed": s.committed, "end": s.end, "lag": s.lag, "lag_exact": s.lag_exact}
+                for t, s in g.by_topic().items()
+            ],
             "partitions": [
                 {
+                    "topic": p.topic or g.topic,
                     "partition": p.partition,
                     "committed": p.committed,
                     "start": p.start,
@@ -934,6 +1034,20 @@ def window_text(rates: list[ServiceRates]) -> str:
     return f"over the last {low:.1f} s" if high - low < 0.05 else f"over the last {low:.1f}-{high:.1f} s"
 
 
+def supervision_lines(check: Check, verbose: bool) -> list[str]:
+    """Under a service that was restarted: how often, its last exit and last error (all
+    error lines with -v)."""
+    restarts = check.extra.get("restarts")
+    if not restarts:
+        return []
+    last = check.extra.get("last_exit")
+    lines = [f"  {'':<20} restarted {restarts}x" + (f", last {last}" if last else "")]
+    errors = check.extra.get("last_error") or []
+    shown = errors if verbose else errors[-1:]
+    lines += [f"  {'':<20} {'last error: ' if i == 0 else '  '}{line}" for i, line in enumerate(shown)]
+    return lines
+
+
 def render(report: Report, verbose: bool = False) -> str:
     """The human screen: health first, then flow (lag, rates), then what piled up where."""
     problems = report.problems()
@@ -946,6 +1060,7 @@ def render(report: Report, verbose: bool = False) -> str:
         readiness = str(c.extra.get("readiness", ""))
         if verbose and readiness and readiness != c.detail:
             lines += [f"  {'':<20} {line}" for line in readiness.splitlines()]
+        lines += supervision_lines(c, verbose)
 
     lines += ["", f"  {'consumer group':<20} {'topic':<20} {'committed':>12} {'end':>12} {'lag':>10}"]
     if report.groups_error or report.groups_skipped:
@@ -956,9 +1071,16 @@ def render(report: Report, verbose: bool = False) -> str:
             continue
         lines.append(f"  {g.group:<20} {g.topic:<20} {_n(g.committed):>12} {_n(g.end):>12} {_n(g.lag):>10}")
         if verbose:
-            for p in g.partitions:
-                where = f"partition {p.partition}"
-                lines.append(f"  {'':<20} {where:>20} {_n(p.committed):>12} {_n(p.end):>12} {_n(p.lag):>10}")
+            split = g.by_topic()
+            for topic, part in split.items():
+                if len(split) > 1 or topic != g.topic:  # a group over several topics: each one's sum
+                    row = f"  {'':<20} {topic:<20} {_n(part.committed):>12} {_n(part.end):>12} {_n(part.lag):>10}"
+                    lines.append(row)
+                for p in part.partitions:
+                    where = f"partition {p.partition}"
+                    lines.append(
+                        f"  {'':<20} {where:>20} {_n(p.committed):>12} {_n(p.end):>12} {_n(p.lag):>10}"
+                    )
 
     lines += ["", f"  {'records/s ' + window_text(report.rates):<41} {'in':>12} {'out':>12}"]
     for r in report.rates:

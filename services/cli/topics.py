@@ -2,31 +2,76 @@
 
 from __future__ import annotations
 
-from confluent_kafka import Consumer, TopicPartition
+from typing import Any
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from services.cli.settings import CliSettings
 from services.common.identity import load_identity
 from services.common.kafka import client_config
-from services.common.topics import TOPICS
+from services.common.topics import RAW_PREFIX, all_topics, configured_sources, source_of
+
+# The group that reads every raw topic (services/ingester): its lag is what the sources
+# have written that the pipeline has not taken in yet.
+INGESTER_GROUP = "pipeline-ingester"
 
 
-def topic_offsets(settings: CliSettings) -> list[dict[str, object]]:
-    """Per pipeline topic: partitions and the sum of their end offsets (records ever written)."""
+def raw_topics_of(names: list[str] | set[str], sources: list[str] | None = None) -> list[str]:
+    """The raw topics among `names`, plus the configured sources' (which should exist)."""
+    wanted = {RAW_PREFIX + s for s in (configured_sources() if sources is None else sources)}
+    return sorted(wanted | {n for n in names if source_of(n) is not None})
+
+
+def topic_offsets(settings: CliSettings) -> list[dict[str, Any]]:
+    """Per pipeline topic: partitions and the sum of their end offsets (records ever written);
+    for a raw topic also its source and the ingester's lag on it."""
     identity = load_identity(settings.identity_dir, settings.identity)
-    consumer = Consumer(client_config(settings.kafka_bootstrap, identity, **{"group.id": "pipectl-topics"}))
+    config = client_config(settings.kafka_bootstrap, identity)
+    consumer = Consumer({**config, "group.id": "pipectl-topics"})
     try:
         metadata = consumer.list_topics(timeout=10)
-        rows = []
-        for spec in TOPICS:
-            topic = metadata.topics.get(spec.name)
+        raw = raw_topics_of(set(metadata.topics))
+        # Raw topics that exist without a configured source are listed too: someone wrote
+        # them, and the ingester's pattern subscription reads them.
+        specs = [s.name for s in all_topics(sorted(source_of(t) or "" for t in raw))]
+        rows: list[dict[str, Any]] = []
+        ends: dict[str, dict[int, int]] = {}
+        for name in specs:
+            topic = metadata.topics.get(name)
             if topic is None or topic.error is not None:
-                rows.append({"topic": spec.name, "error": str(topic.error if topic else "missing")})
+                rows.append({"topic": name, "error": str(topic.error if topic else "missing")})
                 continue
-            ends = [
-                consumer.get_watermark_offsets(TopicPartition(spec.name, p), timeout=10)[1]
+            ends[name] = {
+                p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
                 for p in sorted(topic.partitions)
-            ]
-            rows.append({"topic": spec.name, "partitions": len(ends), "end_offsets": sum(ends)})
-        return rows
+            }
+            rows.append(
+                {"topic": name, "partitions": len(ends[name]), "end_offsets": sum(ends[name].values())}
+            )
     finally:
         consumer.close()
+    raw_ends = {t: e for t, e in ends.items() if source_of(t) is not None}
+    lags = ingester_lags(AdminClient(config), raw_ends) if raw_ends else {}
+    for row in rows:
+        source = source_of(row["topic"])
+        if source is not None:
+            row["source"] = source
+            if row["topic"] in lags:
+                row["ingester_lag"] = lags[row["topic"]]
+    return rows
+
+
+def ingester_lags(admin: AdminClient, ends: dict[str, dict[int, int]]) -> dict[str, int]:
+    """The ingester group's lag per raw topic: end offsets minus its committed offsets (a
+    partition it never committed counts from 0). Offsets include transaction markers, so
+    this may overstate by a few; `pipectl status` counts small gaps exactly."""
+    partitions = [TopicPartition(t, p) for t, ps in ends.items() for p in ps]
+    future = admin.list_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(INGESTER_GROUP, partitions)], request_timeout=10
+    )[INGESTER_GROUP]
+    committed = {(tp.topic, tp.partition): tp.offset for tp in future.result().topic_partitions}
+    return {
+        topic: sum(max(end - max(committed.get((topic, p), 0), 0), 0) for p, end in by_partition.items())
+        for topic, by_partition in ends.items()
+    }

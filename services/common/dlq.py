@@ -11,8 +11,9 @@ from importlib.metadata import PackageNotFoundError, version
 from confluent_kafka import Message
 
 from services.common.avro import AvroSerde, SchemaStore
+from services.common.kafka import headers_of
 from services.common.stage import OutputRecord
-from services.common.topics import DLQ
+from services.common.topics import DLQ, LARGE_RECORD_BYTES
 from services.common.tracing import TRACEPARENT, continue_trace
 
 DEAD_LETTER_SCHEMA = "pipeline.events.DeadLetter"
@@ -21,6 +22,13 @@ DEAD_LETTER_SCHEMA = "pipeline.events.DeadLetter"
 # text embedding a whole payload) would make it larger still, past the topic's size limit.
 MAX_MESSAGE_CHARS = 2000
 ELLIPSIS = "…"
+# The original record is kept whole when it fits the largest raw record the broker takes.
+# A larger one can still arrive (a compressed batch is checked compressed: a few KiB of
+# gzip may hold gigabytes) and is cut to fit, or the DLQ itself would refuse it, fail the
+# stage's transaction and stop it on that record for good.
+MAX_ORIGINAL_BYTES = LARGE_RECORD_BYTES
+MAX_KEPT_KEY_BYTES = 64 * 1024
+MAX_DETAILS = 100
 
 
 class ErrorClass(StrEnum):
@@ -71,16 +79,27 @@ def dead_letter(
     """The DeadLetter datum for a failed record, ready for AvroSerde(store, DEAD_LETTER_SCHEMA).encode."""
     if now is None:
         now = datetime.now(UTC)
+    value = b"" if value is None else value
+    kept_headers = list(headers or ())
+    size = len(key or b"") + len(value) + sum(len(k) + len(v or b"") for k, v in kept_headers)
+    if size > MAX_ORIGINAL_BYTES:
+        message = f"[original record of {size} bytes cut to fit the DLQ] {message}"
+        kept_headers = []
+        key = key[:MAX_KEPT_KEY_BYTES] if key is not None else None
+        value = value[: MAX_ORIGINAL_BYTES - len(key or b"")]
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - len(ELLIPSIS)] + ELLIPSIS
+    if len(details) > MAX_DETAILS:
+        more = FieldError("(more)", f"{len(details) - MAX_DETAILS + 1} more field errors not listed")
+        details = [*details[: MAX_DETAILS - 1], more]
     return {
         "topic": topic,
         "partition": partition,
         "offset": offset,
         "key": key,
         # The schema's value is plain bytes: a record without a value (a tombstone) keeps b"".
-        "value": b"" if value is None else value,
-        "headers": [{"key": k, "value": v} for k, v in headers or ()],
+        "value": value,
+        "headers": [{"key": k, "value": v} for k, v in kept_headers],
         "stage": stage,
         # ErrorClass(...) also rejects a plain string that is not one of the symbols.
         "error_class": ErrorClass(error_class).value,
@@ -104,7 +123,7 @@ class DeadLetters:
     def record(
         self, message: Message, error_class: ErrorClass, reason: str, details: Sequence[FieldError] = ()
     ) -> OutputRecord:
-        headers = message.headers() or []
+        headers = headers_of(message)
         trace_id, traceparent = continue_trace(headers)
         envelope = dead_letter(
             topic=message.topic() or "",
@@ -120,3 +139,7 @@ class DeadLetters:
             trace_id=trace_id,
         )
         return OutputRecord(DLQ, message.key(), self.serde.encode(envelope), [(TRACEPARENT, traceparent)])
+
+    def poison(self, message: Message, reason: str) -> OutputRecord:
+        """For a record that made a stage fail in a way no rule foresaw."""
+        return self.record(message, ErrorClass.POISON, reason)

@@ -5,6 +5,10 @@ healthz: the process is alive and its event loop keeps turning (a loop stuck for
 Orchestrators restart on the first and route on the second. The thread keeps both
 answering while the loop is busy with a large batch, which would otherwise delay the
 probe and get a healthy service restarted.
+
+Also here: what readiness knows about Kafka (KafkaConnectivity, fed by each consumer's
+librdkafka statistics), and where the native stack's supervisor reports a service's
+restarts (supervisor_state_file, read by `pipectl status`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,69 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
+# A consumer that has seen no broker UP for this long cannot do its work: not ready. The
+# statistics come every 5 s, so this is three of them in a row without a connection.
+KAFKA_GRACE_S = 15.0
+
+
+def supervisor_state_file(stack_dir: Path | str, service: str) -> Path:
+    """The JSON state deploy/local/supervisor.py keeps for a service of the native stack."""
+    return Path(stack_dir) / "run" / f"{service}.supervisor.json"
+
+
+class KafkaConnectivity:
+    """When a consumer last had a broker connection UP, from librdkafka's statistics
+    (`brokers: {name: {state: "UP" | "CONNECT" | "DOWN" | ...}}`, every 5 s).
+
+    The statistics arrive only while the consumer is polled; a stage stuck on a broker
+    that does not answer (a commit waiting out its timeout) stops getting them too, and
+    the time since the last UP grows, as it should. Counting starts when the tracker is
+    made: a new consumer has `grace_s` to connect.
+    """
+
+    def __init__(self, grace_s: float = KAFKA_GRACE_S, clock: Callable[[], float] = time.monotonic):
+        self.grace_s, self.clock = grace_s, clock
+        self.last_up = clock()
+        self.brokers: dict[str, str] = {}  # broker -> state, as the last statistics said
+
+    def on_stats(self, stats: dict[str, Any]) -> None:
+        brokers = stats.get("brokers") or {}
+        # librdkafka's internal pseudo-broker (":0/internal") is no connection to anything.
+        self.brokers = {
+            name: str(b.get("state", "?"))
+            for name, b in brokers.items()
+            if isinstance(b, dict) and b.get("source") != "internal" and not name.endswith("/internal")
+        }
+        if "UP" in self.brokers.values():
+            self.last_up = self.clock()
+
+    def unreachable(self) -> str | None:
+        """Why Kafka counts as unreachable now, or None while a broker was UP recently."""
+        down_for = self.clock() - self.last_up
+        if down_for < self.grace_s:
+            return None
+        states = ", ".join(f"{name} {state}" for name, state in sorted(self.brokers.items()))
+        return f"no Kafka broker connection UP for {down_for:.0f}s" + (f" ({states})" if states else "")
+
+
+_KAFKA: dict[str, KafkaConnectivity] = {}
+
+
+def kafka_connectivity(group: str) -> KafkaConnectivity:
+    """The tracker of a consumer group's client in this process, made on first use."""
+    return _KAFKA.setdefault(group, KafkaConnectivity())
+
+
+def known_kafka_connectivity(group: str) -> KafkaConnectivity | None:
+    """The tracker, if a consumer of the group reports statistics here (readiness asks
+    only about those)."""
+    return _KAFKA.get(group)
 
 
 class HealthServer:

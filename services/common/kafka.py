@@ -47,6 +47,17 @@ def usable(message: Message) -> bool:
     return False
 
 
+def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
+    """A record's headers, safe to copy into an Avro envelope whatever a producer sent: a
+    header name that is not valid UTF-8 is kept with replacement characters, and headers
+    that cannot be read at all count as none (they are still in the raw record)."""
+    try:
+        headers = message.headers() or []
+    except (UnicodeError, ValueError, TypeError):
+        return []
+    return [(k.encode("utf-8", "replace").decode("utf-8"), v) for k, v in headers]
+
+
 @asynccontextmanager
 async def consumer_kept_alive(consumer: Consumer, interval_s: float = 1.0) -> AsyncIterator[None]:
     """While the body waits (a store or OPA away), keep serving the consumer's callbacks:

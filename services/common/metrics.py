@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.health import kafka_connectivity
 
 RECORDS_IN = Counter("pipeline_records_in_total", "Records consumed", ["stage"])
 RECORDS_OUT = Counter("pipeline_records_out_total", "Records produced, by topic", ["stage", "topic"])
@@ -37,21 +41,42 @@ DEPENDENCY_UP = Gauge(
 TRANSACTIONS_ABORTED = Counter(
     "pipeline_transactions_aborted_total", "Aborted and retried batches", ["stage"]
 )
+SERVICE_RESTARTS = Gauge(
+    "pipeline_service_restarts",
+    "Times the supervisor restarted this service after a crash (PIPELINE_RESTARTS)",
+    ["service"],
+)
+
+
+def export_restarts(service: str, environ: Mapping[str, str] = os.environ) -> int:
+    """Sets pipeline_service_restarts from PIPELINE_RESTARTS, which the supervisor
+    (deploy/local/supervisor.py) gives each start; 0 when run without one."""
+    value = environ.get("PIPELINE_RESTARTS", "0").strip()
+    restarts = int(value) if value.isdigit() else 0
+    SERVICE_RESTARTS.labels(service).set(restarts)
+    return restarts
 
 
 def consumer_lag_callback(group: str, by_position: bool = False) -> Callable[[str], None]:
     """A librdkafka statistics callback exporting the group's lag per assigned partition
-    (the statistics do not name the group, hence one callback per consumer).
+    (the statistics do not name the group, hence one callback per consumer). It also
+    tells readiness whether a broker connection is UP (health.KafkaConnectivity).
 
     by_position: measure from the consumer's position instead of its committed offset.
     Transactional stages commit offsets through their producer, which the consumer's
     statistics never see; their position is at most two batches ahead of the commit.
     """
-    return lambda stats_json: record_consumer_lag(group, stats_json, by_position)
+    connectivity = kafka_connectivity(group)
+
+    def on_stats(stats_json: str) -> None:
+        stats = orjson.loads(stats_json)
+        connectivity.on_stats(stats)
+        _record_lag(group, stats, by_position)
+
+    return on_stats
 
 
-def record_consumer_lag(group: str, stats_json: str, by_position: bool = False) -> None:
-    stats = orjson.loads(stats_json)
+def _record_lag(group: str, stats: dict[str, Any], by_position: bool) -> None:
     for topic, t in stats.get("topics", {}).items():
         for partition, p in t.get("partitions", {}).items():
             if partition == "-1":

@@ -16,10 +16,12 @@ from pydantic import ValidationError
 from services.common.avro import SchemaStore
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
-from services.common.health import HealthServer
+from services.common.dlq import DeadLetters
+from services.common.health import HealthServer, known_kafka_connectivity
 from services.common.identity import IdentityError
 from services.common.kafka import client_config
 from services.common.logs import setup_logging
+from services.common.metrics import export_restarts
 from services.common.stage import BatchOutcome, StageConfig, TransactionalStage
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ RESTART_DELAY_S = 2.0
 
 
 class Worker(Protocol):
+    dead_letters: DeadLetters
+
     async def transform(self, batch: list[Message]) -> BatchOutcome: ...
     async def close(self) -> None: ...
 
@@ -40,10 +44,23 @@ class Loop(Protocol):
 class Supervised:
     """Runs a consume loop; on a fatal Kafka client error (fenced, or the broker denying our
     transactional id while OPA is away) starts a fresh one, as a process restart would.
-    The uncommitted batch is read again."""
+    The uncommitted batch is read again.
 
-    def __init__(self, name: str, make: Callable[[], Loop], waiter: DependencyWaiter, stop: asyncio.Event):
+    group: the loop's consumer group, whose broker connections readiness follows (its
+    statistics callback, metrics.consumer_lag_callback, reports them); by default the
+    name, as the storage sinks name their groups.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        make: Callable[[], Loop],
+        waiter: DependencyWaiter,
+        stop: asyncio.Event,
+        group: str | None = None,
+    ):
         self.name, self.make, self.waiter, self.stop = name, make, waiter, stop
+        self.group = group or name
         self.current: Loop | None = None
 
     async def run(self) -> None:
@@ -57,6 +74,12 @@ class Supervised:
                     await asyncio.wait_for(self.stop.wait(), RESTART_DELAY_S)
 
     def ready(self) -> tuple[bool, str]:
+        # A loop that cannot reach the broker consumes nothing, whatever else answers; said
+        # first, as it is also why a loop restarted after a Kafka error is still starting.
+        kafka = known_kafka_connectivity(self.group)
+        unreachable = kafka.unreachable() if kafka else None
+        if unreachable:
+            return False, f"{self.name}: waiting for kafka: {unreachable}"
         if self.current is None or not self.current.running:
             return False, f"{self.name}: starting"
         if self.waiter.waiting_for:
@@ -110,13 +133,20 @@ async def serve(
         batch_timeout_s=settings.batch_timeout_ms / 1000,
     )
     kafka = client_config(settings.kafka_bootstrap, settings.load_identity())
-    stage = Supervised(name, lambda: TransactionalStage(config, kafka, worker.transform, stop), waiter, stop)
+    stage = Supervised(
+        name,
+        lambda: TransactionalStage(config, kafka, worker.transform, worker.dead_letters.poison, stop),
+        waiter,
+        stop,
+        group=config.group_id,
+    )
     await run_supervised(settings, [stage], worker.close)
 
 
 def run_main(name: str, main_async: Callable[[], Awaitable[None]]) -> None:
     """Entry point: a bad setting or identity stops the service at start with a message
     naming it (exit 2); anything else unexpected is logged with its traceback (exit 1)."""
+    export_restarts(name)
     try:
         asyncio.run(main_async())
     except (ValidationError, IdentityError) as e:

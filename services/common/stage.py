@@ -48,8 +48,17 @@ class BatchOutcome:
     filtered: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
 
+    def merge(self, other: BatchOutcome) -> BatchOutcome:
+        self.records.extend(other.records)
+        self.dead_letters.update(other.dead_letters)
+        self.filtered.update(other.filtered)
+        self.duplicates += other.duplicates
+        return self
+
 
 Transform = Callable[[list[Message]], Awaitable[BatchOutcome]]
+# The DLQ record for an input record that made the transform fail ("poison"), with why.
+Poison = Callable[[Message, str], OutputRecord]
 
 
 @dataclass
@@ -73,8 +82,15 @@ class StageConfig:
 
 
 class TransactionalStage:
-    def __init__(self, config: StageConfig, kafka: dict[str, Any], transform: Transform, stop: asyncio.Event):
-        self.config, self.transform, self.stop = config, transform, stop
+    def __init__(
+        self,
+        config: StageConfig,
+        kafka: dict[str, Any],
+        transform: Transform,
+        poison: Poison,
+        stop: asyncio.Event,
+    ):
+        self.config, self.transform, self.poison, self.stop = config, transform, poison, stop
         self.consumer = Consumer(
             {
                 **kafka,
@@ -84,6 +100,9 @@ class TransactionalStage:
                 "auto.offset.reset": "earliest",
                 "statistics.interval.ms": 5000,
                 "stats_cb": metrics.consumer_lag_callback(config.group_id, by_position=True),
+                # A pattern subscription (the ingester's pipeline.raw.<source>) sees a new
+                # source's topic at the next metadata refresh (default 5 minutes).
+                "topic.metadata.refresh.interval.ms": 30_000,
             }
         )
         self.producer = Producer(
@@ -129,7 +148,7 @@ class TransactionalStage:
                 started = time.monotonic()
                 try:
                     async with consumer_kept_alive(self.consumer):
-                        outcome = await self.transform(batch)
+                        outcome = await isolating(self.transform, self.poison, batch)
                 except Stopping:
                     break  # not committed: the batch is read again after restart
                 if in_flight is not None and await self._settle(in_flight, batch) is in_flight:
@@ -235,6 +254,31 @@ class TransactionalStage:
             log.warning("revoking partitions with a transaction still in flight")
         self.assigned = []
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+
+
+async def isolating(transform: Transform, poison: Poison, batch: list[Message]) -> BatchOutcome:
+    """The transform's outcome; when it fails on something other than a dependency (those
+    wait inside the transform), the batch is split in halves until the records that make
+    it fail stand alone, and each of those is dead-lettered as poison. So no record can
+    stop a stage, nor meet its restart again. Redoing a half is safe: a transform's only
+    side effects (the ingester's dedup claims) recognise their own positions."""
+    try:
+        return await transform(batch)
+    except (Stopping, KafkaException):
+        raise
+    except Exception as e:
+        if len(batch) == 1:
+            log.exception("record dead-lettered as poison: the transform failed on it")
+            outcome = BatchOutcome([poison(batch[0], f"{type(e).__name__}: {e}")])
+            outcome.dead_letters["poison"] += 1
+            return outcome
+        log.warning(
+            "transform failed on a batch; isolating the failing record(s)",
+            extra={"records": len(batch), "error": f"{type(e).__name__}: {e}"},
+        )
+    half = len(batch) // 2
+    first = await isolating(transform, poison, batch[:half])
+    return first.merge(await isolating(transform, poison, batch[half:]))
 
 
 def _next_offsets(batch: list[Message]) -> dict[tuple[str, int], TopicPartition]:

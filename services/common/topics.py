@@ -20,6 +20,8 @@ VALIDATED = "pipeline.validated"
 PROCESSED = "pipeline.processed"
 DLQ = "pipeline.dlq"
 ANALYTICS = "pipeline.analytics"
+# Who did what to the pipeline's data (pipectl dlq replay): one JSON record per command.
+AUDIT = "pipeline.audit"
 
 DEFAULT_PARTITIONS = 6
 # Raw and DLQ accept records up to 8 MiB so an oversized event reaches the ingester and is
@@ -33,17 +35,19 @@ DLQ_RECORD_BYTES = LARGE_RECORD_BYTES + 1024 * 1024
 # since a record the broker refuses would fail its whole transaction again and again.
 EVENT_RECORD_BYTES = 4 * 1024 * 1024
 DLQ_RETENTION_MS = 90 * 24 * 3600 * 1000
+# Audit records are few and small, and are what an investigation asks for long after.
+AUDIT_RETENTION_MS = 400 * 24 * 3600 * 1000
 
 
 def raw_topic(source: str) -> str:
-    if not SOURCE_NAME.match(source):
+    if not SOURCE_NAME.fullmatch(source):
         raise ValueError(f"not a source name: {source!r} (lowercase letters, digits, _ and -)")
     return RAW_PREFIX + source
 
 
 def source_of(topic: str) -> str | None:
     """The source whose raw topic this is, or None for any other topic."""
-    if topic.startswith(RAW_PREFIX) and SOURCE_NAME.match(topic[len(RAW_PREFIX) :]):
+    if topic.startswith(RAW_PREFIX) and SOURCE_NAME.fullmatch(topic[len(RAW_PREFIX) :]):
         return topic[len(RAW_PREFIX) :]
     return None
 
@@ -73,4 +77,13 @@ TOPICS: tuple[TopicSpec, ...] = (
         config={"max.message.bytes": str(DLQ_RECORD_BYTES), "retention.ms": str(DLQ_RETENTION_MS)},
     ),
     TopicSpec(ANALYTICS, config={"max.message.bytes": str(EVENT_RECORD_BYTES)}),
+    # One partition: the audit trail reads in the order things happened.
+    TopicSpec(AUDIT, partitions=1, config={"retention.ms": str(AUDIT_RETENTION_MS)}),
 )
+
+
+def all_topics(sources: list[str] | None = None) -> tuple[TopicSpec, ...]:
+    """Every topic the pipeline needs: one raw topic per source (default: the configured
+    ones), then the rest."""
+    names = configured_sources() if sources is None else sources
+    return (*(raw_topic_spec(s) for s in names), *TOPICS)

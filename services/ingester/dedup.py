@@ -1,6 +1,8 @@
-"""Dedup by event_id within a window, correct across restarts, rebalances and replays.
+"""Dedup by (source, event_id) within a window, correct across restarts, rebalances and replays.
 
-For each event id the table remembers where on pipeline.raw it was first seen. A record
+An event id belongs to its source: two sources may use the same id, and neither can
+pre-claim the other's. For each (source, event id) the table remembers where on the
+source's raw topic (pipeline.raw.<source>: partition, offset) it was first seen. A record
 at that same position is the same record read again (after a crash, an aborted
 transaction or a rebalance) and is processed; a record with that id at any other
 position inside the window is a duplicate. Claims are written before the Kafka
@@ -25,41 +27,44 @@ class Seen(enum.Enum):
 # which then counts as new), and report the earlier position of the others.
 CLASSIFY = """
 WITH batch AS (
-    SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) AS b(event_id, raw_partition, raw_offset)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[])
+        AS b(source, event_id, raw_partition, raw_offset)
 ), claimed AS (
-    INSERT INTO ingest_dedup AS d (event_id, raw_partition, raw_offset, first_seen)
-    SELECT event_id, raw_partition, raw_offset, now() FROM batch
-    ON CONFLICT (event_id) DO UPDATE
+    INSERT INTO ingest_dedup AS d (source, event_id, raw_partition, raw_offset, first_seen)
+    SELECT source, event_id, raw_partition, raw_offset, now() FROM batch
+    ON CONFLICT (source, event_id) DO UPDATE
         SET raw_partition = EXCLUDED.raw_partition, raw_offset = EXCLUDED.raw_offset,
             first_seen = EXCLUDED.first_seen
-        WHERE d.first_seen < now() - $4::interval
-    RETURNING d.event_id
+        WHERE d.first_seen < now() - $5::interval
+    RETURNING d.source, d.event_id
 )
-SELECT b.event_id, c.event_id IS NOT NULL AS claimed, d.raw_partition, d.raw_offset
+SELECT b.source, b.event_id, c.event_id IS NOT NULL AS claimed, d.raw_partition, d.raw_offset
 FROM batch b
-LEFT JOIN claimed c USING (event_id)
-LEFT JOIN ingest_dedup d USING (event_id)
+LEFT JOIN claimed c USING (source, event_id)
+LEFT JOIN ingest_dedup d USING (source, event_id)
 """
+Position = tuple[str, str, int, int]  # source, event id, raw partition, raw offset
 
 
 class Dedup:
     def __init__(self, dsn: str, window: timedelta):
         self.db, self.window = Database(dsn), window
 
-    async def classify(self, records: list[tuple[str, int, int]]) -> list[Seen]:
-        """(event_id, raw partition, raw offset) in batch order -> how each was seen."""
-        first_index: dict[str, int] = {}
-        for i, (event_id, _, _) in enumerate(records):
-            first_index.setdefault(event_id, i)
+    async def classify(self, records: list[Position]) -> list[Seen]:
+        """(source, event_id, raw partition, raw offset) in batch order -> how each was seen."""
+        if not records:
+            return []
+        first_index: dict[tuple[str, str], int] = {}
+        for i, (source, event_id, _, _) in enumerate(records):
+            first_index.setdefault((source, event_id), i)
         unique = [records[i] for i in first_index.values()]
-        rows = await self.db.fetch(
-            CLASSIFY, [r[0] for r in unique], [r[1] for r in unique], [r[2] for r in unique], self.window
-        )
-        by_id = {row["event_id"]: row for row in rows}
+        columns = [list(column) for column in zip(*unique, strict=True)]
+        rows = await self.db.fetch(CLASSIFY, *columns, self.window)
+        by_id = {(row["source"], row["event_id"]): row for row in rows}
         outcomes = []
-        for i, (event_id, partition, offset) in enumerate(records):
-            row = by_id[event_id]
-            if first_index[event_id] != i:
+        for i, (source, event_id, partition, offset) in enumerate(records):
+            row = by_id[(source, event_id)]
+            if first_index[(source, event_id)] != i:
                 outcomes.append(Seen.DUPLICATE)  # a second copy inside this very batch
             elif row["claimed"]:
                 outcomes.append(Seen.NEW)

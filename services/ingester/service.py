@@ -1,44 +1,86 @@
-"""Ingester: pipeline.raw -> pipeline.validated, everything else to the DLQ or counted.
+"""Ingester: pipeline.raw.<source> -> pipeline.validated, everything else to the DLQ or counted.
 
+An event's source is the topic it was read from: only that source's identity may write
+it (the broker's OPA authorizer), so a `source` in the body is a claim that must match.
 Per batch: validate each record (size, JSON, contract), ask OPA once whether each source
-may emit each event type, drop duplicates by event_id, encode the rest as Avro
+may emit each event type, drop duplicates by (source, event_id), encode the rest as Avro
 ValidatedEvent. Every input record ends in exactly one of: validated, DLQ, duplicate.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 from confluent_kafka import Message
-from pydantic import Field
+from pydantic import AwareDatetime, Field
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass, FieldError
+from services.common.kafka import headers_of
 from services.common.opa import OpaClient
 from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
-from services.common.topics import RAW, VALIDATED
+from services.common.topics import EVENT_RECORD_BYTES, RAW_PATTERN, VALIDATED, source_of
 from services.common.tracing import TRACEPARENT, continue_trace
 from services.ingester.dedup import Dedup, Seen
-from services.ingester.validation import DEFAULT_MAX_EVENT_BYTES, RawEvent, Rejection, validate
+from services.ingester.validation import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_EVENT_BYTES,
+    RawEvent,
+    Rejection,
+    ValidationLimits,
+    validate,
+)
 
 STAGE = "ingester"
 INGEST_POLICY = "pipeline/ingest/decisions"
 EXPIRE_EVERY_S = 600  # how often ids older than the dedup window are forgotten
 
 
+# Room left in a validated record for its headers and Kafka's batch framing.
+RECORD_OVERHEAD_BYTES = 64 * 1024
+# Kafka timestamps a producer may set, as datetimes can hold them (else the ingest time).
+EARLIEST_KAFKA_MS, LATEST_KAFKA_MS = 0, 253_402_300_799_000  # 1970 .. 9999-12-31T23:59:59Z
+
+
 class IngesterSettings(StageSettings):
-    max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=1024, le=8 * 1024 * 1024)
+    # Up to 2 MiB: re-encoded and enriched, an event must still fit the later topics.
+    max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=1024, le=2 * 1024 * 1024)
     dedup_window_hours: float = Field(24.0, gt=0)
+    earliest_event_time: AwareDatetime = Field(
+        DEFAULT_LIMITS.earliest_event_time, description="events timestamped before this are refused"
+    )
+    max_event_future_s: float = Field(
+        DEFAULT_LIMITS.max_future_s, ge=0, description="how far ahead of now an event's timestamp may be"
+    )
+
+    def limits(self) -> ValidationLimits:
+        return ValidationLimits(
+            max_event_bytes=self.max_event_bytes,
+            earliest_event_time=self.earliest_event_time,
+            max_future_s=self.max_event_future_s,
+        )
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A valid raw record and the source that wrote it (its topic's)."""
+
+    message: Message
+    event: RawEvent
+    source: str
 
 
 class Ingester:
     def __init__(self, settings: IngesterSettings, waiter: DependencyWaiter, store: SchemaStore):
         self.settings, self.waiter = settings, waiter
+        self.limits = settings.limits()
         self.validated = AvroSerde(store, "pipeline.events.ValidatedEvent")
         self.version = store.latest("pipeline.events.ValidatedEvent").version
         self.dead_letters = DeadLetters(store, STAGE)
@@ -48,60 +90,94 @@ class Ingester:
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:
         outcome = BatchOutcome()
-        events: list[tuple[Message, RawEvent]] = []
+        events: list[Admitted] = []
+        now = datetime.now(UTC)
         for message in batch:
-            checked = validate(message.value(), self.settings.max_event_bytes)
+            source = source_of(message.topic() or "")
+            checked = validate(message.value(), self.limits, now)
             if isinstance(checked, Rejection):
                 self._dead_letter(outcome, message, checked.error_class, checked.message, checked.details)
+            elif source is None:
+                reason = f"{message.topic()} is no source's raw topic (pipeline.raw.<source>)"
+                self._dead_letter(outcome, message, ErrorClass.POLICY_DENIED, reason)
+            elif checked.source is not None and checked.source != source:
+                reason = (
+                    f'the event claims source "{checked.source}" but was written to '
+                    f'{message.topic()} by source "{source}"'
+                )
+                self._dead_letter(
+                    outcome, message, ErrorClass.POLICY_DENIED, reason, (FieldError("source", reason),)
+                )
             else:
-                events.append((message, checked))
+                events.append(Admitted(message, checked, source))
 
         # The ingest policy decides on the source and the event type alone.
         decisions = await self.waiter.call(
             "opa",
             lambda: self.opa.decide_distinct(
-                INGEST_POLICY, ("source", "event_type"), [(e.source, e.event_type) for _, e in events]
+                INGEST_POLICY, ("source", "event_type"), [(e.source, e.event.event_type) for e in events]
             ),
         )
-        allowed = []
-        for (message, event), decision in zip(events, decisions, strict=True):
+        allowed: list[Admitted] = []
+        for admitted, decision in zip(events, decisions, strict=True):
             if decision.get("allow") is True:
-                allowed.append((message, event))
+                allowed.append(admitted)
             else:
                 reason = str(decision.get("reason") or "denied by policy")
                 self._dead_letter(
-                    outcome, message, ErrorClass.POLICY_DENIED, reason, (FieldError("source", reason),)
+                    outcome,
+                    admitted.message,
+                    ErrorClass.POLICY_DENIED,
+                    reason,
+                    (FieldError("source", reason),),
                 )
+
+        # Encoded before dedup, so only what will reach pipeline.validated claims its id.
+        limit = EVENT_RECORD_BYTES - RECORD_OVERHEAD_BYTES
+        encoded: list[tuple[Admitted, bytes]] = []
+        for admitted, value in zip(
+            allowed, self.validated.encode_batch([self._validated(a, now) for a in allowed]), strict=True
+        ):
+            if len(value) <= limit:
+                encoded.append((admitted, value))
+            else:
+                reason = f"as a validated record it would be {len(value)} bytes, the limit is {limit}"
+                self._dead_letter(outcome, admitted.message, ErrorClass.OVERSIZED, reason)
 
         if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
             await self.waiter.call("postgres", self.dedup.expire)
             self.expired_at = time.monotonic()
         seen = await self.waiter.call(
             "postgres",
-            lambda: self.dedup.classify([(e.event_id, m.partition(), m.offset()) for m, e in allowed]),
+            lambda: self.dedup.classify(
+                [(a.source, a.event.event_id, a.message.partition(), a.message.offset()) for a, _ in encoded]
+            ),
         )
-        now = datetime.now(UTC)
-        keep = [(m, e) for (m, e), s in zip(allowed, seen, strict=True) if s is not Seen.DUPLICATE]
-        outcome.duplicates = len(allowed) - len(keep)
-        values = self.validated.encode_batch([self._validated(m, e, now) for m, e in keep])
-        for (message, event), value in zip(keep, values, strict=True):
-            _, traceparent = continue_trace(message.headers())
+        for (admitted, value), how in zip(encoded, seen, strict=True):
+            if how is Seen.DUPLICATE:
+                outcome.duplicates += 1
+                continue
+            _, traceparent = continue_trace(headers_of(admitted.message))
             outcome.records.append(
-                OutputRecord(VALIDATED, event.user_id.encode(), value, [(TRACEPARENT, traceparent)])
+                OutputRecord(VALIDATED, admitted.event.user_id.encode(), value, [(TRACEPARENT, traceparent)])
             )
         return outcome
 
-    def _validated(self, message: Message, event: RawEvent, now: datetime) -> dict:
+    def _validated(self, admitted: Admitted, now: datetime) -> dict[str, Any]:
+        message, event = admitted.message, admitted.event
         _, produced_ms = message.timestamp()
+        # A producer chooses its records' timestamps: one outside what a datetime holds
+        # means "unknown", not a crash.
+        produced_ok = EARLIEST_KAFKA_MS < produced_ms <= LATEST_KAFKA_MS
         return {
             "event_id": event.event_id,
             "event_type": event.event_type,
             "timestamp": event.timestamp.astimezone(UTC),
             "user_id": event.user_id,
-            "source": event.source,
-            "properties": _json_text(event.properties),
+            "source": admitted.source,
+            "properties": orjson.dumps(event.properties).decode(),  # 64-bit ints only: validated
             "version": self.version,
-            "received_at": datetime.fromtimestamp(produced_ms / 1000, UTC) if produced_ms > 0 else now,
+            "received_at": datetime.fromtimestamp(produced_ms / 1000, UTC) if produced_ok else now,
             "ingested_at": now,
             "raw_partition": message.partition(),
             "raw_offset": message.offset(),
@@ -123,14 +199,5 @@ class Ingester:
         await self.dedup.close()
 
 
-def _json_text(value: object) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # integers beyond 64 bits: orjson refuses them, the standard library does not
-        import json
-
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def main() -> None:
-    stage_main(STAGE, IngesterSettings, RAW, Ingester)
+    stage_main(STAGE, IngesterSettings, RAW_PATTERN, Ingester)

@@ -18,6 +18,7 @@ from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass
+from services.common.kafka import headers_of
 from services.common.opa import OpaClient
 from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
@@ -71,7 +72,7 @@ class Processor:
         for (message, record), value in zip(kept, self._encode(outcome, kept), strict=True):
             if value is None:
                 continue
-            _, traceparent = continue_trace(message.headers())
+            _, traceparent = continue_trace(headers_of(message))
             outcome.records.append(
                 OutputRecord(PROCESSED, record["user_id"].encode(), value, [(TRACEPARENT, traceparent)])
             )

@@ -17,7 +17,7 @@ from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass
-from services.common.kafka import client_config
+from services.common.kafka import client_config, headers_of
 from services.common.logs import setup_logging
 from services.common.opa import OpaClient
 from services.common.service import Supervised, run_main, run_supervised, stop_on_signals
@@ -107,7 +107,7 @@ class AnalyticsTrigger:
             if "analytics" not in decision.get("sinks", ()):
                 outcome.filtered["policy"] += 1
                 continue
-            _, traceparent = continue_trace(message.headers())
+            _, traceparent = continue_trace(headers_of(message))
             outcome.records.append(
                 OutputRecord(ANALYTICS, message.key(), message.value(), [(TRACEPARENT, traceparent)])
             )
@@ -144,7 +144,9 @@ async def main_async() -> None:
             loops.append(
                 Supervised(
                     stage,
-                    lambda c=config, t=trigger: TransactionalStage(c, kafka, t.transform, stop),
+                    lambda c=config, t=trigger: TransactionalStage(
+                        c, kafka, t.transform, t.dead_letters.poison, stop
+                    ),
                     waiter,
                     stop,
                 )

@@ -7,6 +7,11 @@ the second copy a no-op. A store that is down makes the loop wait with growing b
 circuit breaker per sink: while open, no write is attempted until the next probe) and its
 lag grows; the other sinks, in loops of their own, go on. A record the store refuses for
 good goes to the DLQ as `sink_failed` and the sink moves on.
+
+No record can stop a sink: anything else a sink's write raises (a bug, a value a client
+library cannot handle) is taken as being about some record in the batch. The loop bisects
+the batch, writing each half again, until the records that make the write raise are
+found; those are dead-lettered as `sink_failed` with the exception, the rest are stored.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,13 +46,18 @@ class StoredEvent:
     redact_for_search: tuple[str, ...] = ()  # property keys the search index must not receive
 
 
+Refused = list[tuple[StoredEvent, str]]  # events a store refused for good, with the reason
+Write = Callable[[list[StoredEvent]], Awaitable[Refused]]
+
+
 class Sink(Protocol):
     name: str  # postgres, lake, search
     dependency: str  # what the loop waits for when writes fail: postgres, s3, elasticsearch
 
     async def write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
         """Store the events idempotently; return those refused for good, with the reason.
-        Raise DependencyUnavailable when the store cannot be reached (the loop retries)."""
+        Raise DependencyUnavailable when the store cannot be reached (the loop retries);
+        anything else raised is taken as caused by some record (write_isolating)."""
         ...
 
     async def close(self) -> None: ...
@@ -143,9 +154,7 @@ class SinkLoop:
     async def _flush(self, buffer: Buffer) -> Buffer:
         started = time.monotonic()
         allowed = await self.waiter.call("opa", lambda: self._allowed(buffer.events))
-        refused = (
-            await self.waiter.call(self.sink.dependency, lambda: self.sink.write(allowed)) if allowed else []
-        )
+        refused = await self._write(allowed) if allowed else []
         failures = [self.dead_letters.record(m, ErrorClass.POISON, reason) for m, reason in buffer.poison] + [
             self.dead_letters.record(e.message, ErrorClass.SINK_FAILED, reason) for e, reason in refused
         ]
@@ -155,6 +164,16 @@ class SinkLoop:
         if committed:
             self._count(buffer, allowed, refused, time.monotonic() - started)
         return Buffer()
+
+    async def _write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        """The sink's write, waiting out its store; the refused events with the reason."""
+
+        async def write_once(part: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+            # DependencyUnavailable is retried inside (the circuit breaker); Stopping leaves
+            # the batch uncommitted. Neither is about a record.
+            return await self.waiter.call(self.sink.dependency, lambda: self.sink.write(part))
+
+        return await write_isolating(self.sink.name, write_once, events)
 
     async def _allowed(self, events: list[StoredEvent]) -> list[StoredEvent]:
         """Ask the storage policy (once per distinct case) which events this sink may get,
@@ -227,6 +246,44 @@ class SinkLoop:
         metrics.BATCH_SECONDS.labels(stage).observe(seconds)
 
 
+async def write_isolating(sink: str, write: Write, events: list[StoredEvent]) -> Refused:
+    """`write(events)`; if it raises anything but Stopping, bisect: write each half again,
+    splitting a half that raises again, down to the single records that make it raise,
+    which are returned as refused with the exception. Sinks write idempotently, so what a
+    failed write did store is harmless when written again."""
+    try:
+        return await write(events)
+    except Stopping:
+        raise
+    except Exception as e:
+        # Once per batch, with the traceback: a bug to fix, in a sink or upstream.
+        log.exception(
+            "sink write raised; isolating the records that make it fail",
+            extra={"sink": sink, "records": len(events), "error": f"{type(e).__name__}: {e}"},
+        )
+        refused = await _isolate(sink, write, events, e)
+        log.error(
+            "sink write: records dead-lettered for an unexpected error",
+            extra={"sink": sink, "records": len(events), "dead_lettered": len(refused)},
+        )
+        return refused
+
+
+async def _isolate(sink: str, write: Write, events: list[StoredEvent], error: Exception) -> Refused:
+    if len(events) == 1:
+        return [(events[0], f"{sink} sink failed: {type(error).__name__}: {error}")]
+    middle = len(events) // 2
+    refused: Refused = []
+    for half in (events[:middle], events[middle:]):
+        try:
+            refused += await write(half)
+        except Stopping:
+            raise
+        except Exception as e:
+            refused += await _isolate(sink, write, half, e)
+    return refused
+
+
 async def storage_decisions(opa: OpaClient, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The storage policy's verdict per ProcessedEvent (which sinks, what to redact), asked
     once per distinct (type, source, property names)."""
@@ -238,6 +295,6 @@ def property_keys(record: dict[str, Any]) -> tuple[str, ...]:
     """Top-level property names, for the policy's redaction rules (properties is JSON text)."""
     try:
         properties = orjson.loads(record["properties"])
-    except orjson.JSONDecodeError:
+    except (ValueError, TypeError):  # not JSON (orjson.JSONDecodeError is a ValueError)
         return ()
     return tuple(sorted(properties)) if isinstance(properties, dict) else ()

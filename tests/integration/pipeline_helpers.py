@@ -12,7 +12,9 @@ import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from deploy.local.stack import Stack
+from services.cli.generate import GeneratedEvent
 from services.common.avro import AvroSerde, SchemaStore
+from services.common.topics import raw_topic
 from tests.integration.kafka_helpers import QUIET
 
 T = TypeVar("T")
@@ -29,9 +31,18 @@ DLQ_SERDE = AvroSerde(STORE, "pipeline.events.DeadLetter")
 
 
 def produce_all(
-    stack: Stack, records: Iterable[tuple[bytes | None, bytes]], identity: str = "source-web"
+    stack: Stack,
+    records: Iterable[tuple[bytes | None, bytes]],
+    identity: str = "source-web",
+    topic: str | None = None,
 ) -> int:
-    """Produce and wait for every delivery; fails the test on any delivery error."""
+    """Produce and wait for every delivery; fails the test on any delivery error.
+
+    To the identity's own raw topic (source-web: pipeline.raw.web) unless `topic` is given.
+    """
+    if topic is None:
+        assert identity.startswith("source-"), f"{identity} has no raw topic of its own: give topic="
+        topic = raw_topic(identity.removeprefix("source-"))
     errors: list[str] = []
     producer = Producer(
         stack.client_config(
@@ -42,9 +53,7 @@ def produce_all(
     for key, value in records:
         while True:
             try:
-                producer.produce(
-                    "pipeline.raw", value, key, on_delivery=lambda e, _m: e and errors.append(str(e))
-                )
+                producer.produce(topic, value, key, on_delivery=lambda e, _m: e and errors.append(str(e)))
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -53,6 +62,15 @@ def produce_all(
     assert producer.flush(60) == 0, "deliveries still pending after 60s"
     assert not errors, errors[:3]
     return count
+
+
+def produce_events(stack: Stack, events: Iterable[GeneratedEvent]) -> int:
+    """Generated events as their sources send them: each source's events to its own raw topic,
+    as that source's identity (order within a source kept, so duplicates follow originals)."""
+    by_source: dict[str, list[tuple[bytes | None, bytes]]] = {}
+    for e in events:
+        by_source.setdefault(e.source, []).append((e.key, e.value))
+    return sum(produce_all(stack, records, identity=f"source-{s}") for s, records in by_source.items())
 
 
 class TopicReader:

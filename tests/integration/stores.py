@@ -50,12 +50,15 @@ def search_docs(stack: Stack, ids: set[str]) -> list[dict[str, Any]]:
     es = search_client(stack)
     if not es.indices.exists(index="events-*"):
         return []
+    # An index the sink has just created may not have its shard started yet.
+    es.cluster.health(index="events-*", wait_for_status="yellow", timeout="30s")
     es.indices.refresh(index="events-*")
     found = []
     id_list = sorted(ids)
     for i in range(0, len(id_list), 1000):
+        # By the `id` field: the document _id is "<source>:<id>", one per source.
         result = es.search(
-            index="events-*", query={"ids": {"values": id_list[i : i + 1000]}}, size=2000,
+            index="events-*", query={"terms": {"id": id_list[i : i + 1000]}}, size=2000,
             seq_no_primary_term=False,
         )  # fmt: skip
         found += [hit["_source"] for hit in result["hits"]["hits"]]

@@ -12,10 +12,11 @@ from confluent_kafka.admin import AdminClient
 
 from deploy.local import devca
 from deploy.local.stack import Stack
-from services.common.topics import RAW
+from services.common.topics import raw_topic
 from tests.integration.kafka_helpers import QUIET, produce_one
 
 WEB_ID = "spiffe://pipeline.local/source/web"
+RAW = raw_topic("web")
 
 
 def refused(config: dict[str, object]) -> bool:

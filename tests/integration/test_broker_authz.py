@@ -5,14 +5,18 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
 from confluent_kafka import KafkaError
 
 from deploy.local.stack import Stack
-from services.common.topics import RAW, VALIDATED
+from services.common.topics import VALIDATED, TopicSpec, configured_sources, raw_topic
 from tests.integration.kafka_helpers import create_topic, eventually, produce_one, read_value
 
 WEB = "source-web"
 INGESTER = "service-ingester"
+RAW = raw_topic("web")  # source-web's own raw topic
+# The single raw topic every source used to share: writable by none of them now.
+OLD_RAW = "pipeline.raw"
 
 
 def unique() -> bytes:
@@ -25,6 +29,24 @@ def test_source_can_produce_to_raw(stack: Stack) -> None:
     seen, error = read_value(stack.client_config(INGESTER), RAW, value)
     assert error is None
     assert seen == value
+
+
+@pytest.mark.parametrize("source", configured_sources())
+def test_each_source_writes_its_own_raw_topic_and_the_ingester_reads_it(stack: Stack, source: str) -> None:
+    value = unique()
+    assert produce_one(stack.client_config(f"source-{source}"), raw_topic(source), value) is None
+    assert read_value(stack.client_config(INGESTER), raw_topic(source), value) == (value, None)
+
+
+@pytest.mark.parametrize("topic", [raw_topic("backend"), raw_topic("mobile"), OLD_RAW])
+def test_source_cannot_write_another_sources_raw_topic_or_the_old_one(stack: Stack, topic: str) -> None:
+    # The old topic is made here (if missing) so that only authorization can refuse the write.
+    stack.create_topics((TopicSpec(topic, partitions=1),))
+    marker = unique()
+    error = produce_one(stack.client_config(WEB), topic, marker)
+    assert error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, error
+    # Nothing landed: the record is not on the topic for the ingester (or anyone) to read.
+    assert read_value(stack.client_config("operator-cli"), topic, marker, timeout=5) == (None, None)
 
 
 def test_source_is_denied_writing_validated(stack: Stack) -> None:

@@ -14,7 +14,7 @@ from services.common.topics import VALIDATED
 from tests.integration.kafka_helpers import QUIET, eventually
 from tests.integration.pipeline_helpers import DLQ_SERDE, TopicReader, metric, produce_all
 from tests.integration.stores import pg_rows
-from tests.integration.test_pipeline import all_ids, expected_ids, fresh_events, kill
+from tests.integration.test_pipeline import all_ids, expected_ids, fresh_events
 from tests.integration.test_storage import assert_exactly_once, wait_stored
 
 
@@ -43,12 +43,13 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
     eventually(
         lambda: metric(stack, "ingester", "pipeline_records_in_total") - ingested > 5_000, 120, "ingesting"
     )
-    kill(stack, "ingester")
+    # SIGKILL the service process (its supervisor restarts it; start_service waits for that).
+    stack.services["ingester"].kill_service()
     produce_all(stack, ((e.key, e.value) for e in events[20_000:35_000]))
     stack.start_service("ingester")
 
     eventually(lambda: len(pg_rows(stack, ids)) > 5_000, 240, "some stored")
-    kill(stack, "processor")
+    stack.services["processor"].kill_service()
     stack.start_service("processor")
 
     # The broker goes down and comes back while all three stages work.
@@ -57,7 +58,7 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
     produce_all(stack, ((e.key, e.value) for e in events[35_000:]))
 
     eventually(lambda: len(pg_rows(stack, ids)) > 20_000, 300, "more stored")
-    kill(stack, "storage")
+    stack.services["storage"].kill_service()
     stack.start_service("storage")
 
     wait_stored(stack, ids, timeout=600)

@@ -18,11 +18,11 @@ def test_replay_at_the_same_position_is_not_a_duplicate(stack: Stack) -> None:
     async def scenario() -> list[list[Seen]]:
         dedup = Dedup(stack.pg_dsn, timedelta(hours=24))
         try:
-            first = await dedup.classify([(a, 0, 10), (b, 0, 11), (a, 0, 12)])
+            first = await dedup.classify([("web", a, 0, 10), ("web", b, 0, 11), ("web", a, 0, 12)])
             # After a crash the same records are read again from the same positions...
-            again = await dedup.classify([(a, 0, 10), (b, 0, 11), (a, 0, 12)])
+            again = await dedup.classify([("web", a, 0, 10), ("web", b, 0, 11), ("web", a, 0, 12)])
             # ...while a source re-sending `a` puts it at a new position.
-            resent = await dedup.classify([(a, 3, 99)])
+            resent = await dedup.classify([("web", a, 3, 99)])
             return [first, again, resent]
         finally:
             await dedup.close()
@@ -40,16 +40,16 @@ def test_an_id_older_than_the_window_counts_as_new(stack: Stack) -> None:
         dedup = Dedup(stack.pg_dsn, timedelta(hours=1))
         conn = await asyncpg.connect(stack.pg_dsn)
         try:
-            await dedup.classify([(old, 1, 1)])
+            await dedup.classify([("web", old, 1, 1)])
             await conn.execute(
                 "UPDATE ingest_dedup SET first_seen = now() - interval '2 hours' WHERE event_id = $1", old
             )
-            [seen] = await dedup.classify([(old, 2, 2)])  # outside the window: new again
+            [seen] = await dedup.classify([("web", old, 2, 2)])  # outside the window: new again
             await conn.execute(
                 "UPDATE ingest_dedup SET first_seen = now() - interval '2 hours' WHERE event_id = $1", old
             )
             expired = await dedup.expire()
-            [after] = await dedup.classify([(old, 5, 5)])
+            [after] = await dedup.classify([("web", old, 5, 5)])
             return seen, expired, after
         finally:
             await conn.close()
@@ -59,3 +59,20 @@ def test_an_id_older_than_the_window_counts_as_new(stack: Stack) -> None:
     assert seen is Seen.NEW
     assert expired >= 1
     assert after is Seen.NEW
+
+
+def test_an_id_belongs_to_its_source(stack: Stack) -> None:
+    """One source cannot pre-claim another's ids: the same id from two sources is two events."""
+    shared = f"shared-{uuid.uuid4()}"
+
+    async def scenario() -> list[Seen]:
+        dedup = Dedup(stack.pg_dsn, timedelta(hours=24))
+        try:
+            [web] = await dedup.classify([("web", shared, 0, 1)])
+            [backend] = await dedup.classify([("backend", shared, 0, 1)])
+            [again] = await dedup.classify([("backend", shared, 4, 7)])
+            return [web, backend, again]
+        finally:
+            await dedup.close()
+
+    assert asyncio.run(scenario()) == [Seen.NEW, Seen.NEW, Seen.DUPLICATE]

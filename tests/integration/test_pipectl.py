@@ -12,21 +12,47 @@ import pytest
 from deploy.local.stack import Stack
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dlq import DEAD_LETTER_SCHEMA, ErrorClass, FieldError, dead_letter
-from services.common.topics import DLQ, RAW, TOPICS
+from services.common.topics import AUDIT, DLQ, all_topics, configured_sources, raw_topic, source_of
 from tests.integration.cli import pipectl
 from tests.integration.kafka_helpers import produce_one, read_value
 from tests.integration.kafka_read import end_offsets, produce_at, read_record
+from tests.integration.pipeline_helpers import TopicReader
+
+# The crafted dead letters' original topic: a source other than web, so "back where it came
+# from" is not the same as "the default".
+RAW = raw_topic("backend")
+OPERATOR_ID = "spiffe://pipeline.local/operator/cli"
+
+
+def raw_end_offsets(stack: Stack) -> int:
+    operator = stack.client_config("operator-cli")
+    return sum(end_offsets(operator, raw_topic(s)) for s in configured_sources())
 
 
 def test_topics_lists_every_pipeline_topic_with_records_written(stack: Stack) -> None:
+    mobile = raw_topic("mobile")
     before = {r["topic"]: r for r in json.loads(pipectl(stack.env(), "topics", "--json").stdout)}
-    assert produce_one(stack.client_config("source-mobile"), RAW, b"{}") is None
+    assert produce_one(stack.client_config("source-mobile"), mobile, b"{}") is None
     result = pipectl(stack.env(), "topics", "--json")
     assert result.returncode == 0, result.stderr
     rows = {r["topic"]: r for r in json.loads(result.stdout)}
-    assert set(rows) == {t.name for t in TOPICS}
-    assert all(r["partitions"] == 6 for r in rows.values())
-    assert rows[RAW]["end_offsets"] == before[RAW]["end_offsets"] + 1
+    specs = {t.name: t for t in all_topics()}
+    # Raw topics other tests made for sources of their own are listed too.
+    assert set(rows) >= set(specs) and all(source_of(t) for t in set(rows) - set(specs))
+    assert all(rows[name]["partitions"] == spec.partitions for name, spec in specs.items())
+    assert rows[mobile]["end_offsets"] == before[mobile]["end_offsets"] + 1
+    assert rows[mobile]["source"] == "mobile" and rows[mobile]["ingester_lag"] >= 0
+    assert "ingester_lag" not in rows[DLQ]
+
+
+def test_sources_lists_each_configured_source_and_its_topic(stack: Stack) -> None:
+    result = pipectl(stack.env(), "sources", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["source"]: r for r in json.loads(result.stdout) if r.get("configured", True)}
+    assert set(rows) == set(configured_sources())
+    web = rows["web"]
+    assert web["topic"] == "pipeline.raw.web" and web["identity"] == "spiffe://pipeline.local/source/web"
+    assert "page_view" in web["event_types"] and web["partitions"] == 6
 
 
 def test_missing_setting_exits_2_naming_it(stack: Stack) -> None:
@@ -40,17 +66,37 @@ def test_missing_setting_exits_2_naming_it(stack: Stack) -> None:
 
 
 def test_produce_generated_events_reports_and_delivers_them_all(stack: Stack) -> None:
-    operator = stack.client_config("operator-cli")
-    before = end_offsets(operator, RAW)
+    before = raw_end_offsets(stack)
+    # As the operator without --source: each event to the topic of the source it claims.
     result = pipectl(stack.env(), "produce", "--generate", "1000", "--seed", "7", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)  # stdout is only the summary: no progress line mixed in
     assert summary["sent"] == 1000 and summary["failed"] == 0 and summary["errors"] == []
-    assert summary["identity"] == "operator-cli" and summary["topic"] == RAW
+    assert summary["identity"] == "operator-cli"
+    assert set(summary["sent_by_topic"]) == {raw_topic(s) for s in configured_sources()}
+    assert sum(summary["sent_by_topic"].values()) == 1000
     assert sum(summary["kinds"].values()) == 1000
     assert summary["kinds"]["valid"] > 800 and summary["kinds"]["invalid:parse_error"] > 0
     assert summary["events_per_s"] > 0
-    assert end_offsets(operator, RAW) == before + 1000
+    assert raw_end_offsets(stack) == before + 1000
+
+
+def test_produce_as_a_source_generates_its_events_to_its_own_topic(stack: Stack) -> None:
+    web = raw_topic("web")
+    before = end_offsets(stack.client_config("operator-cli"), web)
+    result = pipectl(stack.env(), "produce", "--generate", "50", "--identity", "source-web", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["topic"], summary["sent"]) == (web, 50) and "sent_by_topic" not in summary
+    assert end_offsets(stack.client_config("operator-cli"), web) == before + 50
+
+
+def test_produce_as_the_operator_needs_a_source(stack: Stack, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b'{"user_id": "u1"}\n')
+    result = pipectl(stack.env(), "produce", str(events))
+    assert result.returncode == 2
+    assert "--source" in result.stderr
 
 
 def test_produce_sends_json_lines_as_is_keyed_by_user_id(stack: Stack, tmp_path: Path) -> None:
@@ -62,15 +108,15 @@ def test_produce_sends_json_lines_as_is_keyed_by_user_id(stack: Stack, tmp_path:
     ]
     events = tmp_path / "events.jsonl"
     events.write_bytes(lines[0] + b"\n" + lines[1] + b"\r\n\n" + lines[2])  # CRLF, a blank line, no final \n
-    result = pipectl(stack.env(), "produce", str(events), "--json")
+    result = pipectl(stack.env(), "produce", str(events), "--source", "web", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["sent"], summary["failed"], summary["skipped"]) == (3, 0, 1)
-    assert "kinds" not in summary
+    assert "kinds" not in summary and summary["topic"] == raw_topic("web")
 
     ingester = stack.client_config("service-ingester")
     for line, key in zip(lines, (b"u00042", b"u00043", None), strict=True):
-        msg = read_record(ingester, RAW, lambda m, line=line: m.value() == line)
+        msg = read_record(ingester, raw_topic("web"), lambda m, line=line: m.value() == line)
         assert msg is not None, line
         assert msg.key() == key
 
@@ -80,7 +126,7 @@ def test_produce_reads_stdin_and_can_send_as_a_source(stack: Stack) -> None:
     result = pipectl(stack.env(), "produce", "-", "--identity", "source-mobile", "--json", stdin=line + b"\n")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["identity"] == "source-mobile"
-    assert read_value(stack.client_config("service-ingester"), RAW, line)[0] == line
+    assert read_value(stack.client_config("service-ingester"), raw_topic("mobile"), line)[0] == line
 
 
 def test_produce_as_an_identity_that_may_not_write_fails_with_exit_1(stack: Stack) -> None:
@@ -260,6 +306,9 @@ def test_dlq_replay_sends_the_original_bytes_back_to_raw(
     outcome = json.loads(result.stdout)
     assert (outcome["replayed"], outcome["failed"], outcome["ids"]) == (1, 0, [ids["policy"]])
 
+    assert outcome["topics"] == [RAW]
+
+    # Back to the topic it came from (pipeline.raw.backend), not to the operator's choice.
     replayed = read_record(
         stack.client_config("service-ingester"), RAW, lambda m: m.value() == ids["value:policy"]
     )
@@ -267,7 +316,22 @@ def test_dlq_replay_sends_the_original_bytes_back_to_raw(
     assert replayed.key() == b"u00042"
     headers = replayed.headers() or []
     assert ("pipeline-replay-of", f"{DLQ}:{ids['policy']}".encode()) in headers
+    assert ("pipeline-replayed-by", OPERATOR_ID.encode()) in headers
     assert headers[0] == ("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+
+    # One audit record for the command: who, which entry, and exactly where it was written.
+    audit_id = outcome["audit"]["id"]
+    reader = TopicReader(
+        stack, AUDIT, lambda m: json.loads(m.value()) if audit_id.encode() in m.value() else None
+    )
+    [record] = reader.read_until(lambda items: len(items) == 1, 30, "the replay's audit record")
+    reader.close()
+    assert record["action"] == "dlq.replay" and record["who"] == OPERATOR_ID
+    assert record["targets"] == [RAW] and record["failed"] == []
+    assert record["selection"] == {"ids": [ids["policy"]]}
+    assert record["entries"] == [
+        {"id": ids["policy"], "topic": RAW, "partition": replayed.partition(), "offset": replayed.offset()}
+    ]
     # The dry run sent nothing: the schema entry's bytes are not on raw.
     assert (
         read_record(
@@ -301,6 +365,12 @@ def test_dlq_replay_refuses_missing_or_non_raw_entries(stack: Stack) -> None:
     )
     result = pipectl(stack.env(), "dlq", "replay", entry_id)
     assert result.returncode == 1 and "pipeline.validated" in result.stderr
+    # The old shared raw topic names no source: nowhere to send it back to.
+    [old_raw] = write_dead_letters(
+        stack, [{**crafted(stage, ErrorClass.SCHEMA_VIOLATION, b"{}"), "topic": "pipeline.raw"}]
+    )
+    result = pipectl(stack.env(), "dlq", "replay", old_raw)
+    assert result.returncode == 1 and "pipeline.raw.<source>" in result.stderr
     by_class = pipectl(
         stack.env(), "dlq", "replay", "--class", "enrichment_failed", "--stage", stage, "--json"
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from deploy.local.stack import Stack
 from services.cli.status import GROUPS
+from services.common.topics import configured_sources, raw_topic
 from tests.integration.cli import pipectl
 
 COMPONENTS = {"ingester", "processor", "storage", "opa", "postgres", "kafka", "s3", "elasticsearch"}
@@ -62,9 +63,14 @@ def test_status_shows_every_component_ok_and_every_group(stack: Stack) -> None:
         assert "error" not in g, g
         assert is_count(g["lag"]) and is_count(g["end"]), g
         assert g["committed"] is None or is_count(g["committed"])
-        assert len(g["partitions"]) == 6
+        # The ingester's group reads one raw topic per source, 6 partitions each.
+        assert len(g["partitions"]) == 6 * len(g["topics"])
+        assert g["lag"] == sum(t["lag"] for t in g["topics"])
         assert all(is_count(p["lag"]) for p in g["partitions"])
         assert g["lag"] == sum(p["lag"] for p in g["partitions"])
+
+    ingester = group(data, "pipeline-ingester")
+    assert {t["topic"] for t in ingester["topics"]} >= {raw_topic(s) for s in configured_sources()}
 
     for service in ("ingester", "processor", "storage"):
         assert data["rates"][service]["window_s"] >= 2.0  # the default --interval

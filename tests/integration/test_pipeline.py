@@ -26,6 +26,7 @@ from tests.integration.pipeline_helpers import (
     TopicReader,
     metric,
     produce_all,
+    produce_events,
 )
 
 PROCESSED_KINDS = {"valid", "unknown_user"}
@@ -80,7 +81,7 @@ def test_generated_events_reach_processed_exactly_once_and_enriched(stack: Stack
     events = fresh_events(1000)
     wanted = expected_ids(events)
     reader = processed_reader(stack, all_ids(events))
-    produce_all(stack, ((e.key, e.value) for e in events))
+    produce_events(stack, events)
     counts = wait_for_all(reader, wanted)
 
     assert set(counts) == wanted  # no filtered, invalid or policy-denied event got through
@@ -117,7 +118,7 @@ def test_duplicates_and_filtered_events_are_counted_not_stored(stack: Stack) -> 
         "skipped_type": metric(stack, "processor", "pipeline_filtered_total", reason="skipped_type"),
     }
     reader = processed_reader(stack, all_ids(events))
-    produce_all(stack, ((e.key, e.value) for e in events))
+    produce_events(stack, events)
     counts = wait_for_all(reader, expected_ids(events))
     assert set(counts.values()) == {1}
 
@@ -167,9 +168,11 @@ def test_each_ingester_error_class_is_dead_lettered_with_original_bytes(stack: S
     for error_class, value in crafted.items():
         letter = by_value[value]  # the original bytes, untouched
         assert letter["error_class"] == error_class
-        assert (letter["stage"], letter["topic"]) == ("ingester", "pipeline.raw")
+        assert (letter["stage"], letter["topic"]) == ("ingester", "pipeline.raw.web")
         assert letter["message"] and letter["trace_id"]
-    assert by_value[crafted["policy_denied"]]["message"] == 'unknown source "tv"'
+    assert by_value[crafted["policy_denied"]]["message"] == (
+        'the event claims source "tv" but was written to pipeline.raw.web by source "web"'
+    )
     assert by_value[disallowed_type]["message"] == 'source "web" may not emit event type "refund"'
     assert [d["field"] for d in by_value[crafted["schema_violation"]]["details"]] == ["user_id"]
     assert str(len(crafted["oversized"])) in by_value[crafted["oversized"]]["message"]
@@ -183,7 +186,7 @@ def test_sigkill_of_each_stage_mid_stream_loses_and_doubles_nothing(stack: Stack
     reader = processed_reader(stack, all_ids(events))
     ingested_before = metric(stack, "ingester", "pipeline_records_in_total")
     half = len(events) // 2
-    produce_all(stack, ((e.key, e.value) for e in events[:half]))
+    produce_events(stack, events[:half])
 
     # Kill the ingester while it works through the first half, the second half arrives meanwhile.
     eventually(
@@ -192,7 +195,7 @@ def test_sigkill_of_each_stage_mid_stream_loses_and_doubles_nothing(stack: Stack
         "ingester in the middle of the stream",
     )
     kill(stack, "ingester")
-    produce_all(stack, ((e.key, e.value) for e in events[half:]))
+    produce_events(stack, events[half:])
     stack.start_service("ingester")
 
     # Then the processor, once part of the output is there.
@@ -208,17 +211,14 @@ def test_sigkill_of_each_stage_mid_stream_loses_and_doubles_nothing(stack: Stack
 
 
 def kill(stack: Stack, service: str) -> None:
-    process = stack.services[service].process
-    pid = process.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    eventually(lambda: not process.running(), 10, f"{service} gone after SIGKILL")
+    # The service process itself (SIGKILL, waited for); its supervisor restarts it.
+    stack.services[service].kill_service()
 
 
 @pytest.fixture
 def paused_pipeline(stack: Stack):  # type: ignore[no-untyped-def]
     """SIGSTOP both stages so input piles up in Kafka, SIGCONT them on exit."""
-    pids = [s.process.pid for s in stack.services.values()]
+    pids = [s.service_pid for s in stack.services.values()]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)  # type: ignore[arg-type]
     try:
@@ -233,14 +233,14 @@ def test_opa_outage_makes_stages_wait_then_resume_without_loss(stack: Stack, pau
     wanted = expected_ids(events)
     reader = processed_reader(stack, all_ids(events))
     dead = dlq_reader(stack, b"")  # any dead letter of these events would show up here
-    produce_all(stack, ((e.key, e.value) for e in events))
+    produce_events(stack, events)
     log = stack.services["ingester"].process.log_file
     log_size = log.stat().st_size
 
     stack.opa.process.stop()
     try:
         for service in stack.services.values():
-            os.kill(service.process.pid, signal.SIGCONT)  # type: ignore[arg-type]
+            os.kill(service.service_pid, signal.SIGCONT)  # type: ignore[arg-type]
 
         def ingester_held_up() -> bool:
             with open(log, "rb") as f:
@@ -263,14 +263,14 @@ def test_opa_outage_makes_stages_wait_then_resume_without_loss(stack: Stack, pau
 
 
 def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
-    source = f"kiosk{uuid.uuid4().hex[:8]}"
+    event_type = f"kiosk_tap_{uuid.uuid4().hex[:8]}"  # no source may emit it yet
     event = {
         "event_id": str(uuid.uuid4()),
-        "event_type": "click",
+        "event_type": event_type,
         "user_id": "u00007",
-        "timestamp": "2026-11-26T14:03:07Z",
+        "timestamp": datetime.now(UTC).isoformat(),
         "properties": {"button": "buy"},
-        "source": source,
+        "source": "web",
     }
     raw = orjson.dumps(event)
     stats_before = json.loads(pipectl(stack.env(), "dlq", "stats", "--json").stdout)
@@ -285,22 +285,27 @@ def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
     dead = TopicReader(stack, "pipeline.dlq", keep)
     produce_all(stack, [(b"u00007", raw)])
     [(entry_id, letter)] = dead.read_until(lambda items: len(items) == 1, 60, "the event dead-lettered")
-    assert (letter["error_class"], letter["message"]) == ("policy_denied", f'unknown source "{source}"')
+    assert (letter["error_class"], letter["message"]) == (
+        "policy_denied",
+        f'source "web" may not emit event type "{event_type}"',
+    )
     stats = json.loads(pipectl(stack.env(), "dlq", "stats", "--json").stdout)
     assert stats["total"] == stats_before["total"] + 1
     assert stats["by_class"]["policy_denied"] == stats_before["by_class"].get("policy_denied", 0) + 1
 
-    # The fix upstream: the new source is allowed to send clicks. Then replay the entry.
-    source_url = f"{stack.opa.url}/v1/data/pipeline/config/ingest/sources/{source}"
-    assert httpx.put(source_url, json={"event_types": ["click"]}).status_code == 204
+    # The fix upstream: web may now send this type. Then replay the entry to web's topic.
+    web_url = f"{stack.opa.url}/v1/data/pipeline/config/ingest/sources/web"
+    web = httpx.get(web_url).json()["result"]
+    fixed = {**web, "event_types": [*web["event_types"], event_type]}
+    assert httpx.put(web_url, json=fixed).status_code == 204
     try:
         processed = processed_reader(stack, {event["event_id"]})
         replay = pipectl(stack.env(), "dlq", "replay", entry_id)
         assert replay.returncode == 0, replay.stderr
         counts = wait_for_all(processed, {event["event_id"]}, timeout=60)
         assert counts == {event["event_id"]: 1}
-        assert processed.items[0]["source"] == source
+        assert processed.items[0]["source"] == "web"
         processed.close()
     finally:
-        httpx.delete(source_url)
+        httpx.put(web_url, json=web)
     dead.close()

@@ -12,14 +12,14 @@ from deploy.local import devca
 from deploy.local.stack import Stack
 from services.common.identity import load_identity
 from services.common.kafka import client_config
-from services.common.topics import RAW
+from services.common.topics import raw_topic, raw_topic_spec
 from tests.integration.kafka_helpers import QUIET
 
 BURST = 64
 RECORD = b"x" * 4096  # 256 KiB in all
 
 
-def max_throttle_ms(config: dict[str, object]) -> int:
+def max_throttle_ms(config: dict[str, object], topic: str) -> int:
     """Produce a burst; the most the broker asked this client to wait, in milliseconds."""
     throttles: list[int] = []
 
@@ -31,7 +31,7 @@ def max_throttle_ms(config: dict[str, object]) -> int:
         {**config, **QUIET, "statistics.interval.ms": 100, "stats_cb": on_stats, "linger.ms": 0}
     )
     for _ in range(BURST):
-        producer.produce(RAW, RECORD, b"quota-test")
+        producer.produce(topic, RECORD, b"quota-test")
         producer.poll(0)
     assert producer.flush(120) == 0
     for _ in range(5):  # let at least one statistics report after the last response through
@@ -40,10 +40,13 @@ def max_throttle_ms(config: dict[str, object]) -> int:
 
 
 def test_flooding_source_is_throttled_without_slowing_others(stack: Stack, tmp_path: Path) -> None:
-    flood_id = f"spiffe://pipeline.local/source/flood-{uuid.uuid4().hex[:8]}"
+    name = f"flood-{uuid.uuid4().hex[:8]}"
+    flood_id = f"spiffe://pipeline.local/source/{name}"
+    # A source writes only its own raw topic; a source made up here needs one made too.
+    stack.create_topics((raw_topic_spec(name),))
     directory = devca.write_identity(tmp_path, devca.load_or_create_ca(stack.root / "ca"), flood_id)
     stack.set_client_quotas({flood_id: {"producer_byte_rate": 16 * 1024}})
     flood = client_config(stack.kafka.bootstrap, load_identity(tmp_path, directory.name))
 
-    assert max_throttle_ms(flood) > 0
-    assert max_throttle_ms(stack.client_config("source-web")) == 0
+    assert max_throttle_ms(flood, raw_topic(name)) > 0
+    assert max_throttle_ms(stack.client_config("source-web"), raw_topic("web")) == 0

@@ -7,10 +7,20 @@ import shlex
 import subprocess
 
 import asyncpg
-from confluent_kafka.admin import ConfigResource
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from deploy.local.stack import Stack
-from services.common.topics import DLQ, DLQ_RECORD_BYTES, LARGE_RECORD_BYTES, RAW, TOPICS
+from services.common.topics import (
+    AUDIT,
+    DLQ,
+    DLQ_RECORD_BYTES,
+    EVENT_RECORD_BYTES,
+    LARGE_RECORD_BYTES,
+    VALIDATED,
+    all_topics,
+    configured_sources,
+    raw_topic,
+)
 
 
 def test_second_up_changes_nothing(stack: Stack) -> None:
@@ -70,13 +80,42 @@ def test_database_has_migrations_applied(stack: Stack) -> None:
 def test_topics_exist_with_their_settings(stack: Stack) -> None:
     admin = stack.admin()
     metadata = admin.list_topics(timeout=10)
-    for spec in TOPICS:
+    for spec in all_topics():
         assert len(metadata.topics[spec.name].partitions) == spec.partitions
-    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in (RAW, DLQ)]
+    raw = [raw_topic(s) for s in configured_sources()]
+    assert raw == ["pipeline.raw.backend", "pipeline.raw.mobile", "pipeline.raw.web"]
+    assert "pipeline.raw" not in metadata.topics  # no shared raw topic any more
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in (*raw, DLQ, AUDIT)]
     configs = {r.name: f.result() for r, f in admin.describe_configs(resources).items()}
-    assert int(configs[RAW]["max.message.bytes"].value) == LARGE_RECORD_BYTES
+    for name in raw:
+        assert int(configs[name]["max.message.bytes"].value) == LARGE_RECORD_BYTES
     assert int(configs[DLQ]["max.message.bytes"].value) == DLQ_RECORD_BYTES
     assert int(configs[DLQ]["retention.ms"].value) >= 30 * 24 * 3600 * 1000
+    assert int(configs[AUDIT]["retention.ms"].value) >= 365 * 24 * 3600 * 1000
+
+
+def test_every_configured_source_has_an_identity(stack: Stack) -> None:
+    for source in configured_sources():
+        assert stack.identity(f"source-{source}").spiffe_id == f"spiffe://pipeline.local/source/{source}"
+
+
+def test_up_brings_existing_topics_settings_in_line(stack: Stack) -> None:
+    """A topic made by an older version (a smaller max.message.bytes) is updated in place."""
+    admin = stack.admin()
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        VALIDATED,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", "1048588", incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    admin.incremental_alter_configs([resource])[resource].result()
+
+    assert stack.align_topic_configs() == [f"{VALIDATED}: max.message.bytes={EVENT_RECORD_BYTES}"]
+    current = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, VALIDATED)])
+    [entries] = [f.result() for f in current.values()]
+    assert int(entries["max.message.bytes"].value) == EVENT_RECORD_BYTES
+    assert stack.align_topic_configs() == []  # idempotent: nothing left to change
 
 
 def test_demo_reports_where_every_event_went_and_the_counts_add_up(stack: Stack, capsys) -> None:  # type: ignore[no-untyped-def]

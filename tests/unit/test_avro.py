@@ -71,7 +71,7 @@ def processed_event(user_name: str | None) -> dict:
 
 def dead_letter_datum() -> dict:
     return dead_letter(
-        topic="pipeline.raw",
+        topic="pipeline.raw.web",
         partition=3,
         offset=42,
         key=b"user-1",

@@ -43,6 +43,10 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         (["produce", "--rate", "0", "-"], "--rate"),
         (["produce", "--rate", "-5", "-"], "--rate"),
         (["produce", "--timeout", "0", "-"], "--timeout"),
+        (["produce", "-"], "--source NAME is required"),  # the operator must name the source
+        (["produce", "--source", "Web", "-"], "--source 'Web'"),
+        (["produce", "--identity", "source-web", "--source", "backend", "-"], "only pipeline.raw.web"),
+        (["produce", "--generate", "5", "--source", "kiosk"], "kiosk"),
         (["dlq"], "dlq_command"),
         (["dlq", "show"], "ID"),
         (["dlq", "show", "12"], "entry id"),
@@ -67,7 +71,7 @@ def test_bad_usage_exits_2_naming_the_problem(
 
 
 def test_unreadable_file_exits_2_naming_it(settings: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["produce", str(settings / "missing.jsonl")]) == 2
+    assert main(["produce", "--source", "web", str(settings / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
 
 

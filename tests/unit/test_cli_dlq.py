@@ -11,11 +11,13 @@ import pytest
 
 from services.cli.dlq import (
     REPLAY_HEADER,
+    REPLAYED_BY_HEADER,
     UNDECODABLE,
     Entry,
     EntryId,
     Filter,
     _not_replayable,
+    audit_record,
     cmd_list,
     cmd_stats,
     decode,
@@ -59,7 +61,7 @@ class FakeMessage:
 
 def letter(**overrides: object) -> dict:
     fields: dict = {
-        "topic": "pipeline.raw",
+        "topic": "pipeline.raw.web",
         "partition": 3,
         "offset": 1207,
         "key": b"u00042",
@@ -88,7 +90,7 @@ def test_entry_ids(text: str, expected: EntryId) -> None:
     assert str(expected) == f"{expected.partition}:{expected.offset}"
 
 
-@pytest.mark.parametrize("text", ["3", "3:", ":5", "-1:5", "a:b", "pipeline.raw:1:2", "1:2:3"])
+@pytest.mark.parametrize("text", ["3", "3:", ":5", "-1:5", "a:b", "pipeline.raw.web:1:2", "1:2:3"])
 def test_bad_entry_ids(text: str) -> None:
     with pytest.raises(UsageError):
         parse_entry_id(text)
@@ -138,10 +140,10 @@ def test_list_row_and_line(serde: AvroSerde) -> None:
         "stage": "ingester",
         "error_class": "schema_violation",
         "message": "line one\nline two " + "x" * 200,
-        "original": {"topic": "pipeline.raw", "partition": 3, "offset": 1207},
+        "original": {"topic": "pipeline.raw.web", "partition": 3, "offset": 1207},
     }
     line = list_line(row)
-    assert "\n" not in line and line.endswith("…") and "pipeline.raw[3]@1207" in line
+    assert "\n" not in line and line.endswith("…") and "pipeline.raw.web[3]@1207" in line
 
 
 def test_show_renders_every_field_and_the_original_bytes(serde: AvroSerde) -> None:
@@ -171,7 +173,7 @@ def test_show_renders_every_field_and_the_original_bytes(serde: AvroSerde) -> No
     text = full_text(entry)
     for needle in (
         "2:17",
-        "pipeline.raw partition 3 offset 1207",
+        "pipeline.raw.web partition 3 offset 1207",
         "schema_violation",
         "timestamp: no UTC offset",
         "traceparent: 00-abc-def-01",
@@ -192,21 +194,50 @@ def test_binary_originals_show_as_hex_and_base64(serde: AvroSerde) -> None:
     assert raw.hex() in full_text(entry)
 
 
-def test_replay_keeps_headers_and_names_the_entry(serde: AvroSerde) -> None:
+def test_replay_keeps_headers_and_names_the_entry_and_who_replayed_it(serde: AvroSerde) -> None:
     entry = entry_of(
-        serde, headers=[("traceparent", b"00-a-b-01"), (REPLAY_HEADER, b"pipeline.dlq:0:1"), ("x", None)]
+        serde,
+        headers=[
+            ("traceparent", b"00-a-b-01"),
+            (REPLAY_HEADER, b"pipeline.dlq:0:1"),
+            (REPLAYED_BY_HEADER, b"spiffe://pipeline.local/operator/old"),
+            ("x", None),
+        ],
     )
-    assert replay_headers(entry) == [
+    assert replay_headers(entry, "spiffe://pipeline.local/operator/cli") == [
         ("traceparent", b"00-a-b-01"),
         ("x", None),
         (REPLAY_HEADER, b"pipeline.dlq:2:17"),
+        (REPLAYED_BY_HEADER, b"spiffe://pipeline.local/operator/cli"),
     ]
 
 
-def test_only_raw_records_can_be_replayed(serde: AvroSerde) -> None:
-    assert _not_replayable(entry_of(serde)) is None
-    assert "pipeline.validated" in (_not_replayable(entry_of(serde, topic="pipeline.validated")) or "")
+@pytest.mark.parametrize("topic", ["pipeline.raw.web", "pipeline.raw.backend"])
+def test_raw_records_of_any_source_can_be_replayed(serde: AvroSerde, topic: str) -> None:
+    assert _not_replayable(entry_of(serde, topic=topic)) is None
+
+
+@pytest.mark.parametrize(
+    "topic", ["pipeline.validated", "pipeline.raw", "pipeline.raw.Web", "pipeline.raw.a.b"]
+)
+def test_only_raw_records_can_be_replayed(serde: AvroSerde, topic: str) -> None:
+    assert topic in (_not_replayable(entry_of(serde, topic=topic)) or "")
+
+
+def test_undecodable_records_cannot_be_replayed(serde: AvroSerde) -> None:
     assert "undecodable" in (_not_replayable(decode(serde, FakeMessage(b"junk"))) or "")
+
+
+def test_audit_record_names_who_what_and_where() -> None:
+    written = [
+        {"id": "2:17", "topic": "pipeline.raw.web", "partition": 4, "offset": 99},
+        {"id": "0:3", "topic": "pipeline.raw.backend", "partition": 1, "offset": 7},
+    ]
+    record = audit_record("spiffe://pipeline.local/operator/cli", written, ["1:1"], {"ids": ["2:17", "0:3"]})
+    assert record["action"] == "dlq.replay" and record["who"] == "spiffe://pipeline.local/operator/cli"
+    assert record["entries"] == written and record["failed"] == ["1:1"]
+    assert record["targets"] == ["pipeline.raw.backend", "pipeline.raw.web"]
+    assert record["at"].endswith("Z") and record["id"]
 
 
 class FakeReader:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,10 +39,12 @@ from services.cli.status import (
     not_ready_reasons,
     parse_stage_counters,
     probe_service,
+    read_supervision,
     render,
     stage_rates,
     to_json,
     window_text,
+    with_supervision,
 )
 
 NOW = datetime(2026, 11, 26, 14, 3, 7, tzinfo=UTC)
@@ -189,7 +194,12 @@ def report(**changes: object) -> Report:
         ],
         "groups": [
             GroupLag(
-                "pipeline-ingester", "pipeline.raw", [PartitionLag(0, 90, 0, 100), PartitionLag(1, 50, 0, 50)]
+                "pipeline-ingester",
+                "pipeline.raw.*",
+                [
+                    PartitionLag(0, 90, 0, 100, topic="pipeline.raw.backend"),
+                    PartitionLag(1, 50, 0, 50, topic="pipeline.raw.web"),
+                ],
             )
         ],
         "groups_error": None,
@@ -291,6 +301,39 @@ def test_render_unhealthy_names_what_and_why() -> None:
     assert "  opa            FAIL  unreachable (connection refused)" in text
     assert "no events table yet" in text
     assert text.endswith("problems:\n  opa: unreachable (connection refused)\n  kafka: denied")
+
+
+def test_the_ingester_lag_is_summed_over_the_raw_topics_and_split_by_topic() -> None:
+    group = GroupLag(
+        "pipeline-ingester",
+        "pipeline.raw.*",
+        [
+            PartitionLag(0, 90, 0, 100, topic="pipeline.raw.web"),
+            PartitionLag(1, 40, 0, 50, topic="pipeline.raw.web"),
+            PartitionLag(0, 5, 0, 8, topic="pipeline.raw.mobile"),
+        ],
+    )
+    assert (group.committed, group.end, group.lag) == (135, 158, 23)
+    split = group.by_topic()
+    assert {t: g.lag for t, g in split.items()} == {"pipeline.raw.web": 20, "pipeline.raw.mobile": 3}
+    # Gaps are read per topic and partition: partition 0 of each topic is its own range.
+    assert gaps_to_count([group]) == {
+        ("pipeline.raw.web", 0): (90, 100),
+        ("pipeline.raw.web", 1): (40, 50),
+        ("pipeline.raw.mobile", 0): (5, 8),
+    }
+    apply_counts([group], {("pipeline.raw.mobile", 0): [6]})
+    assert split["pipeline.raw.mobile"].partitions[0].lag == 1
+
+    text = render(report(groups=[group]), verbose=True)
+    assert "pipeline.raw.*" in text and "pipeline.raw.web" in text and "pipeline.raw.mobile" in text
+    [data] = to_json(report(groups=[group]))["consumer_groups"]
+    assert data["lag"] == 21
+    assert {t["topic"]: t["lag"] for t in data["topics"]} == {
+        "pipeline.raw.web": 20,
+        "pipeline.raw.mobile": 1,
+    }
+    assert {p["topic"] for p in data["partitions"]} == {"pipeline.raw.web", "pipeline.raw.mobile"}
 
 
 def test_json_has_everything_with_integer_counts() -> None:
@@ -475,3 +518,86 @@ def test_watch_defaults() -> None:
         True,
         status.DEFAULT_INTERVAL_S,
     )
+
+
+# ---- the supervisor's restarts and crash loops (native stack) -----------------------------
+
+
+def supervisor_state(**changes: object) -> dict[str, object]:
+    state: dict[str, object] = {
+        "name": "ingester",
+        "supervisor_pid": os.getpid(),  # a process that runs
+        "pid": 4242,
+        "state": "running",
+        "restarts": 2,
+        "last_exit_code": None,
+        "last_exit_signal": "SIGKILL",
+        "last_exit_at": "2026-11-26T14:02:00Z",
+        "last_error": ["Traceback (most recent call last):", "ValueError: boom"],
+        "crash_looping": False,
+        "restarts_in_window": 2,
+        "crash_window_s": 300.0,
+    }
+    state.update(changes)
+    return state
+
+
+def ready_ingester() -> Check:
+    return Check("ingester", True, "ready", {"health": "ok", "ready": True, "readiness": "ingester: ready"})
+
+
+def test_restarts_and_the_last_error_are_shown_under_a_restarted_service() -> None:
+    check = with_supervision(ready_ingester(), supervisor_state())
+    assert check.ok and check.detail == "ready"
+    r = report(components=[check])
+    assert r.exit_code() == 0
+    text = render(r)
+    assert "restarted 2x, last killed by SIGKILL at 2026-11-26T14:02:00Z" in text
+    assert "last error: ValueError: boom" in text and "Traceback" not in text
+    assert "Traceback (most recent call last):" in render(r, verbose=True)
+    ingester = json.loads(orjson.dumps(to_json(r)))["components"]["ingester"]
+    assert ingester["restarts"] == 2 and ingester["crash_looping"] is False
+    assert ingester["last_exit"] == "killed by SIGKILL at 2026-11-26T14:02:00Z"
+    assert ingester["last_error"][-1] == "ValueError: boom"
+
+
+def test_a_service_never_restarted_shows_nothing_more() -> None:
+    check = with_supervision(
+        ready_ingester(), supervisor_state(restarts=0, last_exit_signal=None, last_error=[])
+    )
+    assert check.extra["restarts"] == 0
+    assert "restarted" not in render(report(components=[check]))
+    unsupervised = with_supervision(ready_ingester(), None)
+    assert unsupervised.ok and unsupervised.extra["restarts"] is None
+
+
+def test_a_crash_loop_fails_the_service_and_status_exits_1() -> None:
+    state = supervisor_state(crash_looping=True, restarts=5, restarts_in_window=4, last_exit_signal=None)
+    state["last_exit_code"] = 1
+    check = with_supervision(
+        Check("ingester", False, "connection refused", {"health": "connection refused"}), state
+    )
+    assert not check.ok and check.detail == "crash looping: 4 restarts in 5 min; connection refused"
+    r = report(components=[check])
+    assert r.exit_code() == 1 and r.problems() == [f"ingester: {check.detail}"]
+    assert "restarted 5x, last exit code 1 at 2026-11-26T14:02:00Z" in render(r)
+    assert json.loads(orjson.dumps(to_json(r)))["components"]["ingester"]["crash_looping"] is True
+    ready = with_supervision(ready_ingester(), state)  # up between two crashes
+    assert not ready.ok and ready.detail == "crash looping: 4 restarts in 5 min"
+
+
+def test_a_crash_loop_of_a_supervisor_that_no_longer_runs_is_history() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    check = with_supervision(ready_ingester(), supervisor_state(crash_looping=True, supervisor_pid=gone.pid))
+    assert check.ok and check.extra["crash_looping"] is False and check.extra["restarts"] == 2
+
+
+def test_supervisor_state_is_read_from_the_stack_directory(tmp_path: Path) -> None:
+    assert read_supervision(None, "ingester") is None
+    assert read_supervision(str(tmp_path), "ingester") is None  # no supervisor (yet)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ingester.supervisor.json").write_text(json.dumps(supervisor_state()))
+    (tmp_path / "run" / "processor.supervisor.json").write_text("{half a fi")
+    assert read_supervision(str(tmp_path), "ingester") == supervisor_state()
+    assert read_supervision(str(tmp_path), "processor") is None

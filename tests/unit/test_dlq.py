@@ -10,11 +10,13 @@ from services.common.avro import AvroSerde, SchemaStore
 from services.common.dlq import (
     DEAD_LETTER_SCHEMA,
     MAX_MESSAGE_CHARS,
+    MAX_ORIGINAL_BYTES,
     SERVICE_VERSION,
     ErrorClass,
     FieldError,
     dead_letter,
 )
+from services.common.topics import DLQ_RECORD_BYTES
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, 10000, tzinfo=UTC)  # whole milliseconds, as the schema keeps
 
@@ -127,3 +129,19 @@ def test_error_classes_are_the_schema_enum(serde: AvroSerde) -> None:
 def test_every_error_class_encodes(serde: AvroSerde, error_class: ErrorClass) -> None:
     payload = serde.encode(envelope(error_class=error_class))
     assert ErrorClass(serde.decode(payload)["error_class"]) is error_class
+
+
+def test_an_original_too_large_for_the_dlq_is_cut_to_fit_and_says_so(serde: AvroSerde) -> None:
+    huge = b"\0" * (3 * MAX_ORIGINAL_BYTES)  # e.g. a compressed batch that unpacked to this
+    datum = envelope(value=huge, key=b"k" * 100_000, error_class=ErrorClass.OVERSIZED)
+    assert len(datum["value"]) + len(datum["key"]) == MAX_ORIGINAL_BYTES
+    assert datum["headers"] == []
+    assert datum["message"].startswith(f"[original record of {len(huge) + 100_000 + 67} bytes cut")
+    assert len(serde.encode(datum)) < DLQ_RECORD_BYTES
+
+
+def test_field_errors_are_capped() -> None:
+    details = [FieldError(f"f{i}", "unknown field") for i in range(5000)]
+    datum = envelope(details=details)
+    assert len(datum["details"]) == 100
+    assert datum["details"][-1] == {"field": "(more)", "message": "4901 more field errors not listed"}

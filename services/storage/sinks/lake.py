@@ -7,6 +7,16 @@ only after every object of a flush is stored, and each flush starts at the commi
 offset. So after a crash the re-read records start the same objects at the same first
 offsets, and rewriting them overwrites instead of adding a second copy, however the
 flush is cut this time.
+
+A record that cannot be written is isolated, and the rest of its group is written:
+- a value pyarrow refuses (e.g. an hour out of int8 range): the group's rows are converted
+  one by one, the refused ones are dead-lettered, the others written as the group's object
+  (named by the first offset among them, which is the same on every retry);
+- S3 refusing the request itself with a 4xx (EntityTooLarge, InvalidArgument, ...): the
+  group is bisected into objects named by each part's first offset, down to the single
+  records S3 refuses. Not an outage, so nothing waits for it.
+Access, bucket, credential, clock and throttling errors, 5xx and connection errors are
+the store's state, not a record's: the sink waits (DependencyUnavailable).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import asyncio
 import io
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Any
 
 import aioboto3
 import pyarrow as pa
@@ -49,6 +60,18 @@ SCHEMA = pa.schema(
 )
 # Errors that mean "S3 is not answering right now", as opposed to a refused request.
 UNREACHABLE = (EndpointConnectionError, BotoCoreError, OSError, asyncio.TimeoutError)
+# 4xx error codes about the store's state or our credentials, not about the object sent:
+# waited out, like an outage (an operator or time fixes them, and every object would fail).
+S3_WAIT_CODES = frozenset(
+    {
+        "AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+        "AuthorizationHeaderMalformed", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+        "RequestTimeTooSkewed", "NoSuchBucket", "InvalidBucketState", "OperationAborted", "PermanentRedirect",
+        "TemporaryRedirect", "RequestTimeout", "IncompleteBody", "SlowDown", "Throttling", "ThrottlingException",
+        "TooManyRequests", "RequestLimitExceeded", "ServiceUnavailable", "InternalError",
+    }
+)  # fmt: skip
+S3_WAIT_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
 
 
 def object_key(prefix: str, when: datetime, partition: int, first_offset: int) -> str:
@@ -71,28 +94,88 @@ class LakeSink:
             hour = event.record["timestamp"].astimezone(UTC).replace(minute=0, second=0, microsecond=0)
             groups[(event.message.partition(), hour)].append(event)
         stored_at = datetime.now(UTC)
-        objects = {
-            object_key(self.prefix, hour, partition, group[0].message.offset()): _parquet(group, stored_at)
-            for (partition, hour), group in groups.items()
-        }
+        refused: list[tuple[StoredEvent, str]] = []
+        objects: list[tuple[int, datetime, list[StoredEvent], bytes]] = []
+        for (partition, hour), group in groups.items():
+            kept, unconvertible = _convertible(group, stored_at)
+            refused += unconvertible
+            if kept:
+                objects.append((partition, hour, kept, _parquet(kept, stored_at)))
         try:
             async with self.session.client("s3", endpoint_url=self.endpoint) as s3:
-                await asyncio.gather(
-                    *(s3.put_object(Bucket=self.bucket, Key=key, Body=body) for key, body in objects.items())
+                results = await asyncio.gather(
+                    *(self._put(s3, p, hour, group, stored_at, body) for p, hour, group, body in objects)
                 )
-        except ClientError as e:
-            # S3 refusing a write (bucket gone, access denied, server error) is not about one
-            # record: wait and retry the flush, as for an outage.
-            raise DependencyUnavailable("s3", f"S3 refused a write: {e}") from e
         except UNREACHABLE as e:
             raise DependencyUnavailable("s3", f"{type(e).__name__}: {e}") from e
-        return []
+        return refused + [r for result in results for r in result]
+
+    async def _put(
+        self,
+        s3: Any,
+        partition: int,
+        hour: datetime,
+        events: list[StoredEvent],
+        stored_at: datetime,
+        body: bytes,
+    ) -> list[tuple[StoredEvent, str]]:
+        """Put the events' object; if S3 refuses the request itself, bisect the events."""
+        key = object_key(self.prefix, hour, partition, events[0].message.offset())
+        try:
+            await s3.put_object(Bucket=self.bucket, Key=key, Body=body)
+            return []
+        except ClientError as e:
+            if not s3_refuses_request(e):
+                raise DependencyUnavailable("s3", f"S3 refused a write: {e}") from e
+            if len(events) == 1:
+                return [(events[0], f"S3 refused the object: {e}")]
+        middle = len(events) // 2
+        halves = (events[:middle], events[middle:])
+        return [
+            r
+            for half in halves
+            for r in await self._put(s3, partition, hour, half, stored_at, _parquet(half, stored_at))
+        ]
 
     async def close(self) -> None:
         pass
 
 
+def s3_refuses_request(error: ClientError) -> bool:
+    """A 4xx about the request sent (EntityTooLarge, InvalidArgument, KeyTooLongError, ...),
+    as opposed to the store's state (S3_WAIT_CODES, S3_WAIT_STATUSES) or a 5xx."""
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    code = error.response.get("Error", {}).get("Code", "")
+    return 400 <= status < 500 and status not in S3_WAIT_STATUSES and code not in S3_WAIT_CODES
+
+
+def _convertible(
+    events: list[StoredEvent], stored_at: datetime
+) -> tuple[list[StoredEvent], list[tuple[StoredEvent, str]]]:
+    """The events pyarrow can convert to SCHEMA, and the others with its reason. The whole
+    group in one go first; record by record only when that fails."""
+    try:
+        _table(events, stored_at)
+        return events, []
+    except Exception:  # pyarrow's errors about values: ArrowInvalid, ArrowTypeError, OverflowError...
+        pass
+    kept, refused = [], []
+    for event in events:
+        try:
+            _table([event], stored_at)
+            kept.append(event)
+        except Exception as e:
+            refused.append((event, f"lake could not convert the record to Parquet: {type(e).__name__}: {e}"))
+    return kept, refused
+
+
 def _parquet(events: list[StoredEvent], stored_at: datetime) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(_table(events, stored_at), sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _table(events: list[StoredEvent], stored_at: datetime) -> pa.Table:
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     for event in events:
         record = event.record
@@ -101,7 +184,4 @@ def _parquet(events: list[StoredEvent], stored_at: datetime) -> bytes:
         columns["stored_at"].append(stored_at)
         columns["kafka_partition"].append(event.message.partition())
         columns["kafka_offset"].append(event.message.offset())
-    table = pa.Table.from_pydict(columns, schema=SCHEMA)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+    return pa.Table.from_pydict(columns, schema=SCHEMA)

@@ -1,11 +1,20 @@
 """PostgreSQL sink, the system of record: binary COPY of the batch into a staging table,
-then one INSERT ... ON CONFLICT (id) DO NOTHING, all in one transaction."""
+then one INSERT ... ON CONFLICT (source, id) DO NOTHING, all in one transaction.
+
+A batch the server refuses (services.common.postgres.classify says REFUSED: the rows, not
+the server) is bisected: each half is written in a transaction of its own, a half that is
+refused again is split again, down to the single rows that are refused. One bad row in
+2000 costs about 2 * log2(2000) = 22 small transactions besides the good halves' bulk
+writes. "Retry later" errors leave as DependencyUnavailable (Database.connection) and the
+loop sends the whole batch again once the server is back; a row stored by an earlier
+attempt is skipped by ON CONFLICT, so the first copy of a (source, id) is the one kept.
+"""
 
 from __future__ import annotations
 
 import asyncpg
 
-from services.common.postgres import Database
+from services.common.postgres import Database, Verdict, classify
 from services.storage.sink_loop import StoredEvent
 
 COLUMNS = (
@@ -20,12 +29,7 @@ CREATE TEMP TABLE IF NOT EXISTS events_staging
 MERGE = f"""
 INSERT INTO events ({_QUOTED}, stored_at)
 SELECT {_QUOTED}, now() FROM events_staging
-ON CONFLICT (id) DO NOTHING
-"""
-INSERT_ONE = f"""
-INSERT INTO events ({_QUOTED}, stored_at)
-VALUES ({", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))}, now())
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (source, id) DO NOTHING
 """
 
 
@@ -37,29 +41,30 @@ class PostgresSink:
         self.db = Database(dsn)
 
     async def write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
-        rows = [tuple(e.record[c] for c in COLUMNS) for e in events]
         async with self.db.connection() as conn:
-            try:
-                async with conn.transaction():
-                    await conn.execute(STAGING)
-                    await conn.copy_records_to_table("events_staging", records=rows, columns=COLUMNS)
-                    await conn.execute(MERGE)
-                return []
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
-                # Some row is refused for good (e.g. a \u0000 jsonb cannot hold): find it
-                # row by row; the others are stored, the refused go to the DLQ.
-                return await self._one_by_one(conn, events, rows)
+            return await self._store(conn, events)
 
-    async def _one_by_one(
-        self, conn: asyncpg.Connection, events: list[StoredEvent], rows: list[tuple]
+    async def _store(
+        self, conn: asyncpg.Connection, events: list[StoredEvent]
     ) -> list[tuple[StoredEvent, str]]:
-        refused = []
-        for event, row in zip(events, rows, strict=True):
-            try:
-                await conn.execute(INSERT_ONE, *row)
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as e:
-                refused.append((event, f"postgres refused the row: {type(e).__name__}: {e}"))
-        return refused
+        """Store the events; returns the refused ones with the server's reason."""
+        try:
+            async with conn.transaction():
+                await conn.execute(STAGING)
+                await conn.copy_records_to_table(
+                    "events_staging",
+                    records=[tuple(e.record[c] for c in COLUMNS) for e in events],
+                    columns=COLUMNS,
+                )
+                await conn.execute(MERGE)
+            return []
+        except Exception as e:
+            if classify(e) is not Verdict.REFUSED:
+                raise  # retry later (Database.connection makes it DependencyUnavailable), or a bug
+            if len(events) == 1:
+                return [(events[0], f"postgres refused the row: {type(e).__name__}: {e}")]
+        middle = len(events) // 2
+        return await self._store(conn, events[:middle]) + await self._store(conn, events[middle:])
 
     async def close(self) -> None:
         await self.db.close()

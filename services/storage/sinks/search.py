@@ -1,28 +1,44 @@
-"""Search index sink: Elasticsearch bulk indexing, `_id` = event id, monthly indices
-(events-YYYY.MM by event time) behind one index template with explicit mappings.
+"""Search index sink: Elasticsearch bulk `create`, `_id` = "<source>:<event id>", monthly
+indices (events-YYYY.MM by event time) behind one index template with explicit mappings.
 
 `properties` is a `flattened` field: arbitrary keys from sources cannot explode the
 mapping (each new key of an `object` field would add a mapped field) and cannot conflict
-with earlier types, while every leaf stays searchable as a keyword. Properties the
+with earlier types, while every leaf stays searchable as a keyword. Leaves longer than
+PROPERTY_IGNORE_ABOVE characters are kept in `_source` but not indexed: Lucene refuses a
+term over 32766 bytes, which would make the whole document unindexable. Properties the
 storage policy marks sensitive are removed before indexing.
+
+Writes are `create`, never `index`: a (source, id) sent again (a replay, a retried batch)
+cannot overwrite what the index holds, and the 409 it gets means "already stored".
+Failures, by where they show:
+- a document that cannot be built (properties not a JSON object, or not JSON): refused;
+- the bulk request refused as a whole with a 4xx other than 401/403/404/408/429 (an `_id`
+  over 512 bytes fails the whole request with 400; 413 when it is too large): the batch
+  is bisected down to the documents that make it fail, which are refused;
+- an item refused with a 4xx (mapping errors, ...): that document is refused;
+- 429, 5xx, 401/403/404/408 and connection errors: DependencyUnavailable, the loop waits
+  and sends the batch again (creates are idempotent).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from elasticsearch import AsyncElasticsearch, TransportError
-from elasticsearch import ConnectionError as EsConnectionError
-from elasticsearch.helpers import async_bulk
+from elasticsearch import ApiError, AsyncElasticsearch, SerializationError, TransportError
 
 from services.common.dependencies import DependencyUnavailable
 from services.storage.sink_loop import StoredEvent
 
+log = logging.getLogger(__name__)
 TEMPLATE_NAME = "pipeline-events"
 DATE = {"type": "date"}
 KEYWORD = {"type": "keyword"}
+# In characters; 8191 * 4 UTF-8 bytes stays under Lucene's 32766-byte term limit.
+PROPERTY_IGNORE_ABOVE = 8191
+PROPERTIES = {"type": "flattened", "ignore_above": PROPERTY_IGNORE_ABOVE}
 MAPPINGS = {
     "dynamic": "strict",  # a field nobody mapped is a bug upstream, not something to guess
     "properties": {
@@ -33,7 +49,7 @@ MAPPINGS = {
         "user_name": {"type": "text", "fields": {"keyword": KEYWORD}},
         "user_tier": KEYWORD,
         "user_known": {"type": "boolean"},
-        "properties": {"type": "flattened"},
+        "properties": PROPERTIES,
         "source": KEYWORD,
         "day_of_week": KEYWORD,
         "hour": {"type": "byte"},
@@ -45,20 +61,47 @@ MAPPINGS = {
     },
 }
 FIELDS = [name for name in MAPPINGS["properties"] if name not in ("properties", "stored_at")]
+# Whole-request statuses that are the cluster's state or ours, not the documents': waited out.
+WAIT_STATUSES = frozenset({401, 403, 404, 408, 429})
+
+Refused = list[tuple[StoredEvent, str]]
+Item = tuple[StoredEvent, dict[str, Any], dict[str, Any]]  # event, action, document
 
 
 def index_name(prefix: str, record: dict[str, Any]) -> str:
     return f"{prefix}-{record['timestamp']:%Y.%m}"
 
 
+def document_id(record: dict[str, Any]) -> str:
+    # Source names are [a-z0-9_-], so the first ":" separates them from the event id.
+    return f"{record['source']}:{record['id']}"
+
+
 def document(record: dict[str, Any], redact: tuple[str, ...], stored_at: str) -> dict[str, Any]:
+    """The indexed document; ValueError when properties is not a JSON object."""
     doc = {name: record[name] for name in FIELDS}
-    properties = orjson.loads(record["properties"])
+    properties = orjson.loads(record["properties"])  # orjson.JSONDecodeError is a ValueError
+    if not isinstance(properties, dict):
+        raise ValueError(f"properties is a JSON {type(properties).__name__}, not an object")
     for key in redact:
         properties.pop(key, None)
     doc["properties"] = properties
     doc["stored_at"] = stored_at
     return doc
+
+
+def request_refused(status: int) -> bool:
+    """Whether a bulk request refused as a whole with this status is about its documents."""
+    return 400 <= status < 500 and status not in WAIT_STATUSES
+
+
+def item_outcome(status: int) -> str:
+    """A bulk item's fate by its status: "stored", "wait" or "refused"."""
+    if status < 300 or status == 409:  # 409 on create: a copy of this (source, id) is stored
+        return "stored"
+    if status == 429 or status >= 500:
+        return "wait"
+    return "refused"
 
 
 class SearchSink:
@@ -70,46 +113,67 @@ class SearchSink:
         self.client = AsyncElasticsearch(url, request_timeout=30)
         self._template_ready = False
 
-    async def write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+    async def write(self, events: list[StoredEvent]) -> Refused:
         stored_at = datetime.now(UTC).isoformat()
-        by_id = {e.record["id"]: e for e in events}
-        actions = [
-            {
-                "_op_type": "index",
-                "_index": index_name(self.prefix, e.record),
-                "_id": e.record["id"],
-                "_source": document(e.record, e.redact_for_search, stored_at),
-            }
-            for e in events
-        ]
+        refused: Refused = []
+        items: list[Item] = []
+        for e in events:
+            try:
+                source = document(e.record, e.redact_for_search, stored_at)
+            except (ValueError, TypeError) as error:
+                refused.append((e, f"elasticsearch sink cannot make a document: {error}"))
+                continue
+            action = {"create": {"_index": index_name(self.prefix, e.record), "_id": document_id(e.record)}}
+            items.append((e, action, source))
         try:
             await self._ensure_template()
-            _, errors = await async_bulk(
-                self.client,
-                actions,
-                chunk_size=2000,
-                raise_on_error=False,
-                raise_on_exception=False,
-                max_retries=0,
-                refresh=False,
+        except (ApiError, TransportError, OSError) as error:
+            raise DependencyUnavailable("elasticsearch", f"{type(error).__name__}: {error}") from error
+        return refused + await self._bulk(items)
+
+    async def _bulk(self, items: list[Item]) -> Refused:
+        """Create the documents; bisect a request refused as a whole to find the culprits."""
+        if not items:
+            return []
+        try:
+            response = await self.client.bulk(
+                operations=[part for _, action, source in items for part in (action, source)], refresh=False
             )
-        except (EsConnectionError, TransportError, OSError) as e:
+        except ApiError as e:
+            if not request_refused(e.meta.status):
+                raise DependencyUnavailable("elasticsearch", f"bulk: HTTP {e.meta.status}: {e}") from e
+            reason = f"elasticsearch refused the request: HTTP {e.meta.status}: {e}"
+        except SerializationError as e:  # the client cannot encode a document
+            reason = f"elasticsearch client cannot encode the document: {e}"
+        except (TransportError, OSError) as e:
             raise DependencyUnavailable("elasticsearch", f"{type(e).__name__}: {e}") from e
-        refused = []
-        for item in errors:
+        else:
+            return self._item_results(items, response["items"]) if response["errors"] else []
+        if len(items) == 1:
+            return [(items[0][0], reason)]
+        middle = len(items) // 2
+        return await self._bulk(items[:middle]) + await self._bulk(items[middle:])
+
+    def _item_results(self, items: list[Item], results: list[dict[str, Any]]) -> Refused:
+        refused: Refused = []
+        for (event, _, _), item in zip(items, results, strict=True):
             result = next(iter(item.values()))
             status = result.get("status", 0)
-            if status == 429 or status >= 500 or "exception" in result:
-                # Overloaded or failing: retry the whole batch later (indexing is idempotent).
+            outcome = item_outcome(status)
+            if outcome == "wait":
+                # Overloaded or failing: retry the whole batch later (creates are idempotent).
                 raise DependencyUnavailable(
                     "elasticsearch", f"bulk item status {status}: {result.get('error')}"
                 )
-            error = result.get("error", {})
-            reason = f"elasticsearch refused the document: {error.get('type')}: {error.get('reason')}"
-            refused.append((by_id[result["_id"]], reason))
+            if outcome == "refused":
+                error = result.get("error", {})
+                reason = f"elasticsearch refused the document: {error.get('type')}: {error.get('reason')}"
+                refused.append((event, reason))
         return refused
 
     async def _ensure_template(self) -> None:
+        """Put the index template (idempotent: an older one is replaced), once per process.
+        Indices made from an older template get the `properties` mapping as it is now."""
         if self._template_ready:
             return
         await self.client.indices.put_index_template(
@@ -117,6 +181,13 @@ class SearchSink:
             index_patterns=[f"{self.prefix}-*"],
             template={"settings": {"number_of_shards": 1, "number_of_replicas": 0}, "mappings": MAPPINGS},
         )
+        try:
+            await self.client.indices.put_mapping(
+                index=f"{self.prefix}-*", properties={"properties": PROPERTIES}, allow_no_indices=True
+            )
+        except ApiError as e:
+            # New indices have it from the template; an old one keeps refusing long leaves.
+            log.warning("could not update the mapping of existing indices", extra={"error": str(e)})
         self._template_ready = True
 
     async def close(self) -> None:

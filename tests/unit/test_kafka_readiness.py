@@ -1,0 +1,108 @@
+"""Readiness follows Kafka connectivity: librdkafka statistics (fake JSON here) say whether a
+broker connection is UP; a consumer without one for KAFKA_GRACE_S is not ready. Also the
+restarts gauge a service exports from its supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from services.common import health, metrics
+from services.common.dependencies import DependencyWaiter
+from services.common.health import KafkaConnectivity
+from services.common.service import Supervised
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stats(**brokers: str) -> dict[str, Any]:
+    """librdkafka statistics with these broker states, and its internal pseudo-broker."""
+    entries: dict[str, Any] = {
+        name: {"name": name, "source": "learned", "state": s} for name, s in brokers.items()
+    }
+    entries[":0/internal"] = {"name": ":0/internal", "source": "internal", "state": "UP"}
+    return {"name": "rdkafka#consumer-1", "type": "consumer", "brokers": entries, "topics": {}}
+
+
+def test_ready_while_a_broker_was_up_recently_not_after_the_grace() -> None:
+    clock = Clock()
+    kafka = KafkaConnectivity(grace_s=15, clock=clock)
+    assert kafka.unreachable() is None  # a new consumer has the grace period to connect
+    kafka.on_stats(stats(**{"127.0.0.1:19092/bootstrap": "INIT", "127.0.0.1:19092/1": "UP"}))
+    clock.now += 14
+    kafka.on_stats(stats(**{"127.0.0.1:19092/1": "TRY_CONNECT"}))
+    assert kafka.unreachable() is None
+    clock.now += 2  # 16 s since the last UP
+    why = kafka.unreachable()
+    assert why == "no Kafka broker connection UP for 16s (127.0.0.1:19092/1 TRY_CONNECT)"
+    kafka.on_stats(stats(**{"127.0.0.1:19092/1": "UP"}))
+    assert kafka.unreachable() is None
+
+
+def test_the_internal_broker_does_not_count_as_a_connection() -> None:
+    clock = Clock()
+    kafka = KafkaConnectivity(grace_s=15, clock=clock)
+    clock.now += 20
+    kafka.on_stats(stats(**{"127.0.0.1:19092/bootstrap": "CONNECT"}))
+    assert kafka.unreachable() is not None
+    kafka.on_stats({"brokers": {}})  # no brokers known at all
+    assert kafka.unreachable() == "no Kafka broker connection UP for 20s"
+
+
+def test_the_statistics_callback_feeds_lag_and_connectivity_of_its_group() -> None:
+    group = f"storage-{uuid.uuid4().hex[:8]}"
+    assert health.known_kafka_connectivity(group) is None
+    callback = metrics.consumer_lag_callback(group)
+    tracker = health.known_kafka_connectivity(group)
+    assert tracker is not None  # made with the callback: the grace counts from the consumer's start
+    clock = Clock()
+    tracker.clock = clock
+    clock.now += 60
+    partitions = {"0": {"committed_offset": 3, "lo_offset": 0, "ls_offset": 10}}
+    callback(
+        json.dumps({**stats(**{"b/1": "UP"}), "topics": {"pipeline.processed": {"partitions": partitions}}})
+    )
+    assert tracker.unreachable() is None
+    assert metrics.CONSUMER_LAG.labels(group, "pipeline.processed", "0")._value.get() == 7
+
+
+class FakeLoop:
+    running = True
+
+    async def run(self) -> None:
+        return None
+
+
+def test_supervised_loop_is_not_ready_naming_kafka_when_no_broker_is_up() -> None:
+    group = f"pipeline-{uuid.uuid4().hex[:8]}"
+    stop = asyncio.Event()
+    loop = Supervised("ingester", FakeLoop, DependencyWaiter("ingester", stop), stop, group=group)
+    loop.current = FakeLoop()
+    assert loop.ready() == (True, "ingester: ready")  # no consumer statistics here: nothing to say
+    clock = Clock()
+    tracker = health.kafka_connectivity(group)
+    tracker.clock, tracker.last_up = clock, clock.now
+    tracker.on_stats(stats(**{"127.0.0.1:19092/1": "DOWN"}))
+    clock.now += 30
+    ok, why = loop.ready()
+    assert not ok
+    assert (
+        why == "ingester: waiting for kafka: no Kafka broker connection UP for 30s (127.0.0.1:19092/1 DOWN)"
+    )
+    tracker.on_stats(stats(**{"127.0.0.1:19092/1": "UP"}))
+    assert loop.ready() == (True, "ingester: ready")
+
+
+def test_restarts_are_exported_from_the_supervisors_setting() -> None:
+    assert metrics.export_restarts("processor", {"PIPELINE_RESTARTS": "3"}) == 3
+    assert metrics.SERVICE_RESTARTS.labels("processor")._value.get() == 3
+    assert metrics.export_restarts("processor", {}) == 0  # run without a supervisor
+    assert metrics.export_restarts("processor", {"PIPELINE_RESTARTS": "x"}) == 0
