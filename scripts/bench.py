@@ -291,7 +291,7 @@ class Pipeline:
 
     def pids(self) -> dict[str, int | None]:
         return {
-            **{name: s.process.pid for name, s in self.stack.services.items()},
+            **{name: s.service_pid for name, s in self.stack.services.items()},  # not the supervisors
             "kafka": self.stack.kafka.process.pid,
         }
 

@@ -21,7 +21,7 @@ from services.common.topics import raw_topic
 def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: int) -> list[dict[str, float]]:
     """Start `service` and time each of its stages from first record in to `expected` in."""
     stack.start_service(service)
-    pid = stack.services[service].process.pid
+    pid = stack.services[service].service_pid  # the service, not its supervisor
     assert pid is not None
     first: float | None = None
     cpu_first = 0.0

@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from confluent_kafka import Message
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, model_validator
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.config import StageSettings
@@ -57,8 +57,16 @@ class IngesterSettings(StageSettings):
         DEFAULT_LIMITS.earliest_event_time, description="events timestamped before this are refused"
     )
     max_event_future_s: float = Field(
-        DEFAULT_LIMITS.max_future_s, ge=0, description="how far ahead of now an event's timestamp may be"
+        DEFAULT_LIMITS.max_future_s,
+        ge=0,
+        le=366 * 24 * 3600,
+        description="how far ahead of now an event's timestamp may be",
     )
+
+    @model_validator(mode="after")
+    def _limits_hold(self) -> Self:
+        self.limits()  # ValidationLimits' own checks, reported as this settings' error
+        return self
 
     def limits(self) -> ValidationLimits:
         return ValidationLimits(

@@ -65,7 +65,7 @@ class Processor:
                 outcome.filtered[str(decision.get("reason") or "policy")] += 1
                 continue
             try:
-                kept.append((message, self._processed(event, users[event["user_id"]], now)))
+                kept.append((message, processed_record(event, users[event["user_id"]], self.version, now)))
             except (ValueError, TypeError, KeyError, OverflowError) as e:
                 self._dead_letter(outcome, message, ErrorClass.ENRICHMENT_FAILED, f"{type(e).__name__}: {e}")
 
@@ -117,26 +117,6 @@ class Processor:
                     values.append(None)
             return values
 
-    def _processed(self, event: dict, user: User, now: datetime) -> dict:
-        timestamp: datetime = event["timestamp"].astimezone(UTC)
-        return {
-            "id": event["event_id"],
-            "type": event["event_type"],
-            "timestamp": timestamp,
-            "user_id": event["user_id"],
-            "user_name": user.name,
-            "user_tier": user.tier,
-            "user_known": user.known,
-            "properties": event["properties"],
-            "source": event["source"],
-            "day_of_week": timestamp.strftime("%A"),
-            "hour": timestamp.hour,
-            "version": self.version,
-            "received_at": event["received_at"],
-            "ingested_at": event["ingested_at"],
-            "processed_at": now,
-        }
-
     def _dead_letter(
         self, outcome: BatchOutcome, message: Message, error_class: ErrorClass, reason: str
     ) -> None:
@@ -146,6 +126,28 @@ class Processor:
     async def close(self) -> None:
         await self.opa.close()
         await self.users.close()
+
+
+def processed_record(event: dict, user: User, version: int, now: datetime) -> dict:
+    """The ProcessedEvent datum for a decoded ValidatedEvent and its user."""
+    timestamp: datetime = event["timestamp"].astimezone(UTC)
+    return {
+        "id": event["event_id"],
+        "type": event["event_type"],
+        "timestamp": timestamp,
+        "user_id": event["user_id"],
+        "user_name": user.name,
+        "user_tier": user.tier,
+        "user_known": user.known,
+        "properties": event["properties"],
+        "source": event["source"],
+        "day_of_week": timestamp.strftime("%A"),
+        "hour": timestamp.hour,
+        "version": version,
+        "received_at": event["received_at"],
+        "ingested_at": event["ingested_at"],
+        "processed_at": now,
+    }
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from deploy.local.stack import Stack
 from services.common.avro import SerdeError
 from services.common.topics import VALIDATED
 from tests.integration.kafka_helpers import QUIET, eventually
-from tests.integration.pipeline_helpers import DLQ_SERDE, TopicReader, metric, produce_all
+from tests.integration.pipeline_helpers import DLQ_SERDE, TopicReader, metric, produce_all, produce_events
 from tests.integration.stores import pg_rows
 from tests.integration.test_pipeline import all_ids, expected_ids, fresh_events
 from tests.integration.test_storage import assert_exactly_once, wait_stored
@@ -39,13 +39,13 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
     assert stored_before == 0
     ingested = metric(stack, "ingester", "pipeline_records_in_total")
 
-    produce_all(stack, ((e.key, e.value) for e in events[:20_000]))
+    produce_events(stack, events[:20_000])
     eventually(
         lambda: metric(stack, "ingester", "pipeline_records_in_total") - ingested > 5_000, 120, "ingesting"
     )
     # SIGKILL the service process (its supervisor restarts it; start_service waits for that).
     stack.services["ingester"].kill_service()
-    produce_all(stack, ((e.key, e.value) for e in events[20_000:35_000]))
+    produce_events(stack, events[20_000:35_000])
     stack.start_service("ingester")
 
     eventually(lambda: len(pg_rows(stack, ids)) > 5_000, 240, "some stored")
@@ -55,7 +55,7 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
     # The broker goes down and comes back while all three stages work.
     stack.kafka.process.stop()
     stack.kafka.start(stack.kafka_healthy)
-    produce_all(stack, ((e.key, e.value) for e in events[35_000:]))
+    produce_events(stack, events[35_000:])
 
     eventually(lambda: len(pg_rows(stack, ids)) > 20_000, 300, "more stored")
     stack.services["storage"].kill_service()
@@ -75,7 +75,7 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
 def test_postgres_restarted_mid_stream_loses_and_doubles_nothing(stack: Stack) -> None:
     events = fresh_events(8_000)
     ids = expected_ids(events)
-    produce_all(stack, ((e.key, e.value) for e in events))
+    produce_events(stack, events)
     eventually(lambda: len(pg_rows(stack, ids)) > 1_000, 180, "some stored")
     stack.postgres.process.stop()
     stack.postgres.start()
@@ -94,7 +94,7 @@ def test_poison_records_are_dead_lettered_and_their_partitions_flow_on(stack: St
     producer.produce(VALIDATED, garbage, key)
     assert producer.flush(30) == 0
 
-    events = fresh_events(200, invalid_fraction=0.0)
+    events = fresh_events(200, invalid_fraction=0.0, source="web")  # web's topic, as the poison
     behind = {e.value for e in events}
     produce_all(stack, [(key, e.value) for e in events])  # same key: the same partitions
     dead = dead_letter_reader(stack, {nested, garbage})

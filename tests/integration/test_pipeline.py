@@ -9,6 +9,7 @@ import signal
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import orjson
@@ -67,7 +68,7 @@ def dlq_reader(stack: Stack, marker: bytes) -> TopicReader:
     return TopicReader(stack, "pipeline.dlq", keep)
 
 
-def fresh_events(n: int, **kwargs: float) -> list[GeneratedEvent]:
+def fresh_events(n: int, **kwargs: Any) -> list[GeneratedEvent]:
     # A seed of its own per call: event ids must not repeat across tests (dedup would drop them).
     return list(generate_events(n, seed=random.getrandbits(63), **kwargs))
 

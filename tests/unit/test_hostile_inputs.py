@@ -4,25 +4,33 @@ Hypothesis throws arbitrary bytes, JSON-shaped token soup and event objects full
 values that break stores (NUL, lone surrogates, NaN, 1e400, 2**64, deep nesting, huge
 strings, repeated keys, calendar edges) at validate(). It must never raise; an event it
 accepts must become a ValidatedEvent the way the ingester makes one (properties re-serialised
-by orjson, the timestamp in UTC) and survive an Avro round trip, stay storable in PostgreSQL
+by orjson, the timestamp in UTC) and survive an Avro round trip, the processor's record and
+each sink's row, Parquet file and document building, stay storable in PostgreSQL
 text/jsonb (no NUL) and fit Elasticsearch's _id, at a size in proportion to the raw bytes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.ingester.validation import RawEvent, Rejection, validate
+from services.processor.enrichment import UNKNOWN
+from services.processor.service import processed_record
+from services.storage.sink_loop import StoredEvent
+from services.storage.sinks import lake, postgres, search
 
 NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
+PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent")
 # database=None: no .hypothesis/ directory in the working tree.
 EXAMPLES = settings(
     max_examples=300,
@@ -75,6 +83,28 @@ def survive(value: bytes, serde: AvroSerde) -> None:
     for text in (result.event_id, result.user_id, result.event_type, source, properties):
         assert "\x00" not in text and "\\u0000" not in text.replace("\\\\", "")
     assert len(f"{source}:{result.event_id}".encode()) <= 512  # Elasticsearch _id
+    through_the_stores(decoded)
+
+
+def through_the_stores(validated: dict[str, Any]) -> None:
+    """What the processor and each sink build from an accepted event: no exception."""
+    record = processed_record(validated, UNKNOWN, PROCESSED.writer.version, NOW)
+    record = PROCESSED.decode(PROCESSED.encode(record))
+    event = StoredEvent(FakeMessage(), record)
+    pq.read_table(io.BytesIO(lake._parquet([event], NOW)))  # the lake's Parquet, read back
+    doc = search.document(record, ("email",), NOW.isoformat())
+    assert len(search.document_id(record).encode()) <= 512
+    orjson.dumps(doc)  # the bulk body
+    row = tuple(record[c] for c in postgres.COLUMNS)  # COPY's input
+    assert len(row) == len(postgres.COLUMNS)
+
+
+class FakeMessage:
+    def partition(self) -> int:
+        return 3
+
+    def offset(self) -> int:
+        return 42
 
 
 # ---- arbitrary bytes and JSON-shaped token soup -----------------------------------------
