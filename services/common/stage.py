@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,9 @@ from services.common.kafka import consumer_kept_alive, usable
 from services.common.topics import DLQ_RECORD_BYTES
 
 log = logging.getLogger(__name__)
+TRANSACTION_TIMEOUT_S = 30
+WEDGED_AFTER_S = 15
+EXIT_WEDGED = 3  # not 0 or 2: the supervisor restarts the process
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class TransactionalStage:
             {
                 **kafka,
                 "group.id": config.group_id,
+                # Static membership: a restarted instance takes its partitions back at once
+                # instead of waiting out the old member's session (45 s).
+                "group.instance.id": config.transactional_id,
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -127,7 +134,7 @@ class TransactionalStage:
     async def run(self) -> None:
         name = self.config.name
         # Fences any older instance with our transactional id and aborts what it left open.
-        await asyncio.to_thread(self.producer.init_transactions, 60)
+        await self._transactional(self.producer.init_transactions)
         self.consumer.subscribe(
             [self.config.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -183,11 +190,10 @@ class TransactionalStage:
             self.producer.begin_transaction()
             for record in outcome.records:
                 self._produce(record)
-            await asyncio.to_thread(
+            await self._transactional(
                 self.producer.send_offsets_to_transaction,
                 list(offsets.values()),
                 self.consumer.consumer_group_metadata(),
-                60,
             )
             await self._commit_transaction()
             return True
@@ -197,7 +203,7 @@ class TransactionalStage:
                 raise  # fatal (e.g. fenced by a newer instance): exit, the supervisor restarts us
             log.warning("transaction aborted, batch will be read again", extra={"error": str(error)})
             metrics.TRANSACTIONS_ABORTED.labels(self.config.name).inc()
-            await asyncio.to_thread(self.producer.abort_transaction, 60)
+            await self._transactional(self.producer.abort_transaction)
             return False
         finally:
             self._idle.set()
@@ -205,12 +211,32 @@ class TransactionalStage:
     async def _commit_transaction(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.producer.commit_transaction, 60)
+                await self._transactional(self.producer.commit_transaction)
                 return
             except KafkaException as e:
                 if not e.args[0].retriable():
                     raise
                 log.warning("commit retry", extra={"error": str(e)})
+
+    async def _transactional(self, call: Callable[..., None], *args: Any) -> None:
+        """A transactional API call in a worker thread, watched. librdkafka does not always
+        keep to the timeout: send_offsets_to_transaction can block for good once the group
+        coordinator went away and came back (librdkafka issues #5456, #5511; seen here
+        after a broker restart), and the stage would then stand still for good, deaf to
+        SIGTERM. A call that outlives its timeout by WEDGED_AFTER_S leaves no way to
+        recover the client in this process: it exits for its supervisor to restart it,
+        and the broker aborts the open transaction (or the next instance fences it)."""
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(call, *args, TRANSACTION_TIMEOUT_S), TRANSACTION_TIMEOUT_S + WEDGED_AFTER_S
+            )
+        except TimeoutError:
+            log.critical(
+                "kafka client wedged in a transactional call; exiting to be restarted",
+                extra={"call": getattr(call, "__name__", str(call)), "stage": self.config.name},
+            )
+            logging.shutdown()
+            os._exit(EXIT_WEDGED)
 
     def _produce(self, record: OutputRecord) -> None:
         while True:

@@ -161,9 +161,12 @@ async def main_async() -> None:
             else {}
         )
 
-        def make(s: Sink = sink, w: DependencyWaiter = waiter, f: dict = flush) -> SinkLoop:
+        # Static membership, as for the stages: a restart takes the partitions back at once.
+        member = {**kafka, "group.instance.id": f"{stage}-{settings.instance_id}"}
+
+        def make(s: Sink = sink, w: DependencyWaiter = waiter, f: dict = flush, k: dict = member) -> SinkLoop:
             return SinkLoop(
-                s, kafka=kafka, store=store, opa=opa, dlq=dlq, stop=stop, waiter=w,
+                s, kafka=k, store=store, opa=opa, dlq=dlq, stop=stop, waiter=w,
                 batch_size=settings.batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000, **f,
             )  # fmt: skip
 

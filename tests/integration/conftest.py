@@ -6,6 +6,7 @@ their own topics, roles and ids.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,4 +34,7 @@ def stack() -> Iterator[Stack]:
         yield test_stack
     finally:
         test_stack.down(log=lambda line: None)
-        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("PIPELINE_KEEP_TEST_STACK"):  # to read its logs after a failure
+            print(f"[stack] kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)

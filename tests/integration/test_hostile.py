@@ -4,6 +4,7 @@ it reach every store while every service stays up and ready."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -12,13 +13,14 @@ import orjson
 from confluent_kafka import Producer
 
 from deploy.local.stack import Stack
-from services.common.avro import SerdeError
 from services.common.topics import raw_topic
 from tests.integration.kafka_helpers import QUIET, eventually
-from tests.integration.pipeline_helpers import DLQ_SERDE, TopicReader, produce_all
+from tests.integration.pipeline_helpers import produce_all
 from tests.integration.stores import lake_rows, pg_rows, search_docs
+from tests.integration.test_pipeline import dlq_reader
 
 MAX_EVENT_BYTES = 1024 * 1024  # the ingester's default limit
+EVENT_ID = re.compile(rb'"event_id":"([^"\\]*)"')
 
 
 class Corpus:
@@ -119,6 +121,16 @@ def hostile_corpus() -> Corpus:
     c.good(c.event(event_id=(m + "-" + "é" * 200)[:128], properties={"marker": m}))
     c.good(c.event(timestamp="2000-01-01T00:00:00Z"))
     c.good(c.event(source=None))  # no claim: the topic says who sent it
+    # The reference example event of this system, as a new user sends it first.
+    reference = {
+        "event_id": f"evt-001-{m}",
+        "event_type": "user_signup",
+        "timestamp": "2025-12-07T10:00:00Z",
+        "user_id": "user-123",
+        "source": "web",
+        "properties": {"plan": "premium", "referral_code": "FRIEND20"},
+    }
+    c.good(reference)
     # Just under the size limit: must fit every later topic and store after re-encoding.
     big = c.event(properties={"marker": m, "pad": []})
     room = MAX_EVENT_BYTES - 1 - len(orjson.dumps(big))
@@ -159,17 +171,6 @@ def produce_compressed(stack: Stack, value: bytes) -> None:
     assert producer.flush(60) == 0 and not errors, errors
 
 
-def dlq_reader(stack: Stack, marker: bytes) -> TopicReader:
-    def keep(message):  # type: ignore[no-untyped-def]
-        try:
-            letter = DLQ_SERDE.decode(message.value())
-        except SerdeError:
-            return None
-        return letter if marker in letter["value"] else None
-
-    return TopicReader(stack, "pipeline.dlq", keep)
-
-
 def test_hostile_corpus_is_dead_lettered_and_the_pipeline_flows_on(stack: Stack) -> None:
     corpus = hostile_corpus()
     dead = dlq_reader(stack, corpus.marker.encode())
@@ -207,6 +208,8 @@ def test_hostile_corpus_is_dead_lettered_and_the_pipeline_flows_on(stack: Stack)
     assert not [v for v in corpus.valid.values() if v in by_value], "a valid event was dead-lettered"
     spoof = next(v for v, c in corpus.expected.items() if b'"source":"backend"' in v)
     assert "backend" in by_value[spoof]["message"] and "web" in by_value[spoof]["message"]
+    hostile_ids = {m.group(1).decode() for v in corpus.expected if (m := EVENT_ID.search(v))}
+    assert len(hostile_ids) > 20 and not pg_rows(stack, hostile_ids), "a hostile record was stored"
     dead.close()
 
     for name, service in stack.services.items():

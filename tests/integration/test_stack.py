@@ -84,7 +84,6 @@ def test_topics_exist_with_their_settings(stack: Stack) -> None:
         assert len(metadata.topics[spec.name].partitions) == spec.partitions
     raw = [raw_topic(s) for s in configured_sources()]
     assert raw == ["pipeline.raw.backend", "pipeline.raw.mobile", "pipeline.raw.web"]
-    assert "pipeline.raw" not in metadata.topics  # no shared raw topic any more
     resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in (*raw, DLQ, AUDIT)]
     configs = {r.name: f.result() for r, f in admin.describe_configs(resources).items()}
     for name in raw:

@@ -87,3 +87,35 @@ def test_stopping_and_kafka_failures_are_not_the_records_fault(error: Exception)
 
     with pytest.raises(type(error)):
         run(transform, [FakeMessage(0, b"x"), FakeMessage(1, b"y")])
+
+
+def test_a_transactional_call_that_outlives_its_timeout_exits_the_process(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """librdkafka can block past its own timeout (send_offsets_to_transaction after a
+    coordinator restart): the stage exits for its supervisor rather than stand still."""
+    import threading
+
+    from services.common import stage as stage_module
+
+    release = threading.Event()
+    exits: list[int] = []
+    monkeypatch.setattr(stage_module, "TRANSACTION_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(stage_module, "WEDGED_AFTER_S", 0.05)
+    def exit_(code: int) -> None:
+        exits.append(code)
+        release.set()  # let the worker thread go, as the process's end would
+
+    monkeypatch.setattr(stage_module.os, "_exit", exit_)
+    stage = object.__new__(stage_module.TransactionalStage)
+    stage.config = stage_module.StageConfig("ingester", "in", "group", "txn")
+
+    def wedged(timeout: float) -> None:
+        release.wait(5)
+
+    asyncio.run(stage._transactional(wedged))
+    assert exits == [stage_module.EXIT_WEDGED]
+
+    def prompt(timeout: float) -> None:
+        assert timeout == stage_module.TRANSACTION_TIMEOUT_S
+
+    asyncio.run(stage._transactional(prompt))
+    assert exits == [stage_module.EXIT_WEDGED]  # a call that returns in time changes nothing
