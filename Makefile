@@ -37,6 +37,11 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+# The bench extra (aiokafka, for scripts/bench_clients.py), only for those who run benchmarks.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	@touch $@
+
 $(KAFKA_JAR): deploy/local/pom.xml $(JAVA_SOURCES)
 	cd deploy/local && mvn -B -q -DskipTests package
 	@touch $@
@@ -92,5 +97,5 @@ test: deps lint test-opa test-java
 # A benchmark, not a test: its own stack on free ports, ~5 minutes on 2 cores by default;
 # results in bench/results/<UTC timestamp>.{json,png}. Options: make bench BENCH_ARGS="--help".
 BENCH_ARGS ?=
-bench: deps
+bench: deps $(VENV)/.bench-installed
 	$(PY) -m scripts.bench $(BENCH_ARGS)

@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/bench_clients.py --records 200000 [--reps 3] [--only produce,consume,txn]
 
+aiokafka comes with the project's `bench` extra (`make bench` installs it; by hand:
+`.venv/bin/pip install -e '.[dev,bench]'`).
+
 Starts a stack of its own (free ports, a temporary directory; never .stack/) and stops and
 removes it at the end. Every measurement runs in a fresh child process, so the CPU it reports
 (resource.getrusage: the Python process with all its threads, librdkafka's included) is that

@@ -21,22 +21,16 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from services.cli.produce import Deliveries, producer_config
+from services.cli.args import add_delivery_timeout
+from services.cli.delivery import Deliveries, Outgoing, deliver
 from services.cli.settings import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, CliSettings, UsageError
 from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.dlq import DEAD_LETTER_SCHEMA, ErrorClass
@@ -519,42 +513,22 @@ def audit_record(
 
 def write_audit(settings: CliSettings, record: dict[str, Any], timeout_s: float) -> tuple[int, int]:
     """Append the record to pipeline.audit; its (partition, offset). Raises DlqError."""
-    outcome: dict[str, Any] = {}
-    producer = Producer(producer_config(settings, timeout_s, **{"linger.ms": 0}))
-    producer.produce(
-        AUDIT,
-        orjson.dumps(record),
-        record["who"].encode(),
-        on_delivery=lambda err, msg: outcome.update(err=err, msg=msg),
-    )
-    producer.flush(timeout_s + 5)
-    err, msg = outcome.get("err"), outcome.get("msg")
-    if msg is None or err is not None:
-        raise DlqError(
-            f"writing the audit record to {AUDIT} failed: {err.str() if err else 'no delivery report'}"
-        )
-    return msg.partition(), msg.offset()
+    audit = Outgoing(AUDIT, record["who"].encode(), orjson.dumps(record))
+    # linger.ms 0: one record, nothing to wait for to batch it with.
+    outcome = deliver(settings, [audit], timeout_s=timeout_s, track=True, **{"linger.ms": 0})
+    if not outcome.written:
+        why = "; ".join(outcome.errors) or "no delivery report"
+        raise DlqError(f"writing the audit record to {AUDIT} failed: {why}")
+    return outcome.written[0].partition, outcome.written[0].offset
 
 
-def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespace) -> int:
-    skipped: list[dict[str, str]] = []
-    if args.ids:
-        ids = [parse_entry_id(text) for text in args.ids]
-        found = reader.fetch(dict.fromkeys(ids))  # each id once, in the order given
-        missing = [str(i) for i, e in found.items() if e is None]
-        if missing:
-            print(
-                f"pipectl dlq replay: no entry {', '.join(missing)} in {reader.topic}; nothing replayed",
-                file=sys.stderr,
-            )
-            return EXIT_NOT_FOUND
-        # All or nothing: an operator naming entries means all of them.
-        refused = [f"{e.id}: {why}" for e in found.values() if e and (why := _not_replayable(e))]
-        if refused:
-            print("pipectl dlq replay: nothing replayed:\n  " + "\n  ".join(refused), file=sys.stderr)
-            return EXIT_FAILURE
-        chosen: Iterable[Entry] = [e for e in found.values() if e is not None]
-    else:
+def replay_selection(
+    reader: DlqReader, args: argparse.Namespace, skipped: list[dict[str, str]]
+) -> Iterable[Entry] | int:
+    """The entries `replay` sends: those named (all of them, or else an exit code, having
+    said why), or those the filter matches; matching entries that cannot go back are added
+    to `skipped` as they are met."""
+    if not args.ids:
         selection = filter_of(args)
 
         def matching() -> Iterator[Entry]:
@@ -567,124 +541,135 @@ def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespac
                 else:
                     skipped.append({"id": str(entry.id), "reason": why})
 
-        chosen = matching()
+        return matching()
+    ids = [parse_entry_id(text) for text in args.ids]
+    found = reader.fetch(dict.fromkeys(ids))  # each id once, in the order given
+    missing = [str(i) for i, e in found.items() if e is None]
+    if missing:
+        print(
+            f"pipectl dlq replay: no entry {', '.join(missing)} in {reader.topic}; nothing replayed",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_FOUND
+    # All or nothing: an operator naming entries means all of them.
+    refused = [f"{e.id}: {why}" for e in found.values() if e and (why := _not_replayable(e))]
+    if refused:
+        print("pipectl dlq replay: nothing replayed:\n  " + "\n  ".join(refused), file=sys.stderr)
+        return EXIT_FAILURE
+    return [e for e in found.values() if e is not None]
 
-    replayed: list[str] = []
-    written: list[dict[str, Any]] = []  # where each replayed entry landed, for the audit
-    deliveries = Deliveries()
-    producer = (
-        None
-        if args.dry_run
-        else Producer(producer_config(settings, args.timeout, error_cb=deliveries.on_error))
-    )
+
+def _entry_order(entry_id: str) -> tuple[int, ...]:
+    return tuple(map(int, entry_id.split(":")))
+
+
+def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespace) -> int:
+    skipped: list[dict[str, str]] = []
+    chosen = replay_selection(reader, args, skipped)
+    if isinstance(chosen, int):
+        return chosen
     who = load_identity(settings.identity_dir, settings.identity).spiffe_id
-    failed_ids: list[str] = []
+    selected: list[str] = []
     targets: set[str] = set()
 
-    def delivered(entry_id: str) -> Callable[[KafkaError | None, Message], None]:
-        def report(err: KafkaError | None, msg: Message) -> None:
-            deliveries.on_delivery(err, msg)
-            if err:
-                failed_ids.append(entry_id)
-                return
-            replayed.append(entry_id)
-            written.append(
-                {"id": entry_id, "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+    def outgoing() -> Iterator[Outgoing]:
+        for entry in chosen:
+            assert entry.datum is not None
+            selected.append(str(entry.id))
+            # Back where it came from: the source's own topic, so the ingester derives the
+            # same source from it as the first time.
+            targets.add(entry.datum["topic"])
+            yield Outgoing(
+                entry.datum["topic"],
+                entry.datum["key"],
+                entry.datum["value"],
+                replay_headers(entry, who),
+                label=str(entry.id),
             )
 
-        return report
-
-    selected = 0
-    for entry in chosen:
-        selected += 1
-        assert entry.datum is not None
-        # Back where it came from: the source's own topic, so the ingester derives the same
-        # source from it as the first time.
-        topic = entry.datum["topic"]
-        targets.add(topic)
-        if producer is None:
-            replayed.append(str(entry.id))
-            continue
-        while True:
-            try:
-                producer.produce(
-                    topic,
-                    entry.datum["value"],
-                    entry.datum["key"],
-                    headers=replay_headers(entry, who),
-                    on_delivery=delivered(str(entry.id)),
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-        if deliveries.fatal:
-            break
-    if producer is not None:
-        while len(producer) > 0 and not deliveries.fatal:
-            producer.flush(1)
-        if deliveries.fatal:
-            producer.purge()
-            producer.flush(1)
-    undelivered = selected - len(replayed) - len(failed_ids) if producer is not None else 0
-    failed = len(failed_ids) + max(undelivered, 0)
-    by_id = lambda i: tuple(map(int, i.split(":")))  # noqa: E731 -- a sort key
+    if args.dry_run:
+        outcome = Deliveries()
+        replayed = [str(record.label) for record in outgoing()]
+    else:
+        outcome = deliver(settings, outgoing(), timeout_s=args.timeout, track=True)
+        replayed = [str(w.label) for w in outcome.written]
+    written = [
+        {"id": w.label, "topic": w.topic, "partition": w.partition, "offset": w.offset}
+        for w in outcome.written
+    ]
+    # Every selected entry not delivered failed: refused, reported failed, or still queued
+    # when a second Ctrl-C cut the wait short.
+    failed = len(selected) - len(replayed) if not args.dry_run else 0
     result: dict[str, Any] = {
         "dry_run": args.dry_run,
-        "selected": selected,
+        "selected": len(selected),
         "replayed": 0 if args.dry_run else len(replayed),
         "failed": failed,
         "skipped": skipped,
-        "errors": deliveries.errors,
-        "ids": sorted(replayed, key=by_id),
-        "failed_ids": failed_ids,
+        "errors": outcome.errors,
+        "ids": sorted(replayed, key=_entry_order),
+        "failed_ids": outcome.failed_labels,
         "topics": sorted(targets),
-        "written": sorted(written, key=lambda w: by_id(w["id"])),
+        "written": sorted(written, key=lambda w: _entry_order(w["id"])),
     }
-    audit_error = None
-    if not args.dry_run:
-        # Every replay command is audited, also one that replayed nothing or failed: the
-        # attempt is what an investigation asks about.
-        selection = (
-            {"ids": list(args.ids)}
-            if args.ids
-            else {
-                "classes": sorted(args.classes or ()),
-                "stage": args.stage,
-                "since": args.since,
-                "until": args.until,
-            }
-        )
-        record = audit_record(who, result["written"], sorted(failed_ids, key=by_id), selection)
-        try:
-            partition, offset = write_audit(settings, record, args.timeout)
-            result["audit"] = {"id": record["id"], "topic": AUDIT, "partition": partition, "offset": offset}
-        except DlqError as e:
-            audit_error = str(e)
-            result["audit"] = {"error": audit_error}
-    if args.json:
-        print(_dumps(result))
-    else:
-        verb = "would replay" if args.dry_run else "replayed"
-        print(
-            f"{verb} {len(replayed)} of {selected} selected entries"
-            + (f" to {', '.join(result['topics'])}" if result["topics"] else "")
-            + (f", {failed} failed" if failed else "")
-            + (f", {len(skipped)} skipped" if skipped else "")
-        )
-        if args.dry_run and replayed:
-            shown = result["ids"][:DRY_RUN_IDS_SHOWN]
-            more = len(result["ids"]) - len(shown)
-            print("  " + " ".join(shown) + (f" … and {more} more (--json lists all)" if more else ""))
-        for s in skipped[:20]:
-            print(f"  skipped {s['id']}: {s['reason']}")
-        for error in deliveries.errors:
-            print(f"  error: {error}")
-        if "audit" in result and not audit_error:
-            print(f"  audited as {who} in {AUDIT} (record {result['audit']['id']})")
+    if outcome.interrupted:
+        result["interrupted"] = True
+    audit_error = None if args.dry_run else audit_replay(settings, args, who, result)
+    print(_dumps(result) if args.json else replay_text(result, who))
     if audit_error:
         print(f"pipectl dlq replay: {audit_error}", file=sys.stderr)
+    if outcome.interrupted:
+        return 130
     return EXIT_FAILURE if failed or audit_error else EXIT_OK
+
+
+def audit_replay(
+    settings: CliSettings, args: argparse.Namespace, who: str, result: dict[str, Any]
+) -> str | None:
+    """Records the replay in pipeline.audit (result["audit"]); the error, if that failed.
+
+    Every replay command is audited, also one that replayed nothing or failed: the attempt
+    is what an investigation asks about.
+    """
+    selection = (
+        {"ids": list(args.ids)}
+        if args.ids
+        else {
+            "classes": sorted(args.classes or ()),
+            "stage": args.stage,
+            "since": args.since,
+            "until": args.until,
+        }
+    )
+    record = audit_record(who, result["written"], sorted(result["failed_ids"], key=_entry_order), selection)
+    try:
+        partition, offset = write_audit(settings, record, args.timeout)
+    except DlqError as e:
+        result["audit"] = {"error": str(e)}
+        return str(e)
+    result["audit"] = {"id": record["id"], "topic": AUDIT, "partition": partition, "offset": offset}
+    return None
+
+
+def replay_text(result: dict[str, Any], who: str) -> str:
+    verb = "would replay" if result["dry_run"] else "replayed"
+    replayed, skipped, failed = result["ids"], result["skipped"], result["failed"]
+    lines = [
+        f"{verb} {len(replayed)} of {result['selected']} selected entries"
+        + (f" to {', '.join(result['topics'])}" if result["topics"] else "")
+        + (f", {failed} failed" if failed else "")
+        + (f", {len(skipped)} skipped" if skipped else "")
+        + (" (interrupted)" if result.get("interrupted") else "")
+    ]
+    if result["dry_run"] and replayed:
+        shown = replayed[:DRY_RUN_IDS_SHOWN]
+        more = len(replayed) - len(shown)
+        lines.append("  " + " ".join(shown) + (f" … and {more} more (--json lists all)" if more else ""))
+    lines += [f"  skipped {s['id']}: {s['reason']}" for s in skipped[:20]]
+    lines += [f"  error: {error}" for error in result["errors"]]
+    if "id" in result.get("audit", {}):
+        lines.append(f"  audited as {who} in {AUDIT} (record {result['audit']['id']})")
+    return "\n".join(lines)
 
 
 # ---- wiring -----------------------------------------------------------------------------
@@ -730,13 +715,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("ids", nargs="*", metavar="ID", help="entries to replay, as `list` prints them")
     _filters(p)
     p.add_argument("--dry-run", action="store_true", help="show what would be replayed, send nothing")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="fail a record the broker has not acknowledged within this (default 30)",
-    )
+    add_delivery_timeout(p)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -758,8 +737,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("give entry IDs, or --class C (optionally with --stage/--since/--until)")
         if UNDECODABLE in (args.classes or ()):
             raise UsageError("undecodable entries have no original bytes to replay")
-        if args.timeout <= 0:
-            raise UsageError("--timeout must be > 0")
 
 
 def run(args: argparse.Namespace, settings: CliSettings) -> int:

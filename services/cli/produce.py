@@ -12,28 +12,24 @@ record would be: the pipeline, not the CLI, decides what is valid.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Producer
 
+from services.cli.args import add_delivery_timeout, number, positive
+from services.cli.delivery import Deliveries, Outgoing, deliver
 from services.cli.generate import KINDS, generate_events
 from services.cli.settings import EXIT_FAILURE, EXIT_OK, CliSettings, UsageError
-from services.common.identity import load_identity
-from services.common.kafka import client_config
-from services.common.topics import LARGE_RECORD_BYTES, SOURCE_NAME, raw_topic
+from services.common.topics import SOURCE_NAME, raw_topic
 
-# Errors kept verbatim for the summary; the rest are only counted.
-MAX_ERRORS_KEPT = 5
 PROGRESS_INTERVAL_S = 0.5
-# Serve delivery reports every this many records: often enough to keep the callback
-# backlog small, rarely enough that poll() costs nothing per record.
-POLL_EVERY = 512
 SOURCE_IDENTITY_PREFIX = "source-"
 # (key, value, generated kind or None, topic or None for produce_records' `topic`)
 Record = tuple[bytes | None, bytes, str | None, str | None]
@@ -67,30 +63,6 @@ def target_source(identity: str, source: str | None, generating: bool) -> str | 
             f"(events go to pipeline.raw.NAME; a source-NAME identity needs no flag)"
         )
     return source
-
-
-def producer_config(settings: CliSettings, timeout_s: float, **overrides: Any) -> dict[str, Any]:
-    """An idempotent, fully acknowledged producer tuned for throughput (batching, lz4)."""
-    identity = load_identity(settings.identity_dir, settings.identity)
-    return client_config(
-        settings.kafka_bootstrap,
-        identity,
-        **{
-            # Retries after a lost ack never duplicate or reorder a record within a partition.
-            "enable.idempotence": True,
-            "acks": "all",
-            # Under load, 10 ms of lingering lets thousands of records share one request and
-            # one lz4 frame; a lone interactive record waits at most those 10 ms.
-            "linger.ms": 10,
-            "compression.type": "lz4",
-            # Raw accepts records up to 8 MiB so oversized events reach the ingester (which
-            # dead-letters them as `oversized`); the client must not refuse them first.
-            "message.max.bytes": LARGE_RECORD_BYTES,
-            # A record not acknowledged within this is reported failed (broker down, denied).
-            "message.timeout.ms": int(timeout_s * 1000),
-            **overrides,
-        },
-    )
 
 
 def key_of(line: bytes) -> bytes | None:
@@ -148,47 +120,6 @@ class Pacer:
         else:
             self.next_due = max(self.next_due, now - self.burst * self.interval)
         self.next_due += self.interval
-
-
-@dataclass
-class Deliveries:
-    """Delivery reports: the broker's word on each record, counted in the callback.
-
-    With `delivery.report.only.error` (see produce_records) only failures call back, and
-    the delivered count is derived: queued - failed - still in the producer's queue.
-    Errors are kept by distinct text with a count: one cause usually fails many records.
-    """
-
-    sent: int = 0
-    failed: int = 0
-    failed_by_topic: Counter[str] = field(default_factory=Counter)
-    error_counts: dict[str, int] = field(default_factory=dict)
-    fatal: str | None = None
-
-    def add_error(self, text: str) -> None:
-        if text in self.error_counts or len(self.error_counts) < MAX_ERRORS_KEPT:
-            self.error_counts[text] = self.error_counts.get(text, 0) + 1
-
-    @property
-    def errors(self) -> list[str]:
-        fatal = [f"fatal: {self.fatal}"] if self.fatal else []
-        return fatal + [f"{text} (x{n})" if n > 1 else text for text, n in self.error_counts.items()]
-
-    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            self.sent += 1
-            return
-        self.failed += 1
-        self.failed_by_topic[msg.topic()] += 1
-        self.add_error(f"{msg.topic()}: {err.str()} ({err.name()})")
-
-    def on_error(self, err: KafkaError) -> None:
-        # A fatal error (e.g. the idempotent producer was fenced or denied IDEMPOTENT_WRITE)
-        # means nothing more can be delivered: stop instead of waiting out every timeout.
-        if err.fatal() and self.fatal is None:
-            self.fatal = f"{err.str()} ({err.name()})"
-        elif err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._AUTHENTICATION, KafkaError._SSL):
-            self.add_error(f"client: {err.str()}")
 
 
 @dataclass
@@ -287,92 +218,118 @@ def produce_records(
     `counts` collects per-kind counts (records with a kind) and "skipped" from the reader.
     """
     counts = counts if counts is not None else Counter()
-    deliveries = Deliveries()
-    producer = Producer(
-        producer_config(
-            settings,
-            timeout_s,
-            on_delivery=deliveries.on_delivery,
-            error_cb=deliveries.on_error,
-            # A Python callback per delivered record cost ~30% of the throughput (measured:
-            # 81k vs 119k records/s); successes are derived from what left the queue instead.
-            **{"delivery.report.only.error": True},
-        )
-    )
-    pacer = Pacer(rate) if rate else None
-    status = Progress(progress)
-    produce, poll = producer.produce, producer.poll
-    queued = 0  # records handed to produce(), accepted or refused
-    queued_by_topic: Counter[str] = Counter()
 
-    def show(force: bool = False) -> None:
-        in_flight = len(producer)
-        status.update(queued - deliveries.failed - in_flight, deliveries.failed, in_flight, force)
-
-    interrupted = False
-    started = time.monotonic()
-    try:
+    def outgoing() -> Iterator[Outgoing]:
         for key, value, kind, record_topic in records:
             target = record_topic or topic
             assert target is not None, "a record without a topic and no default topic"
-            if pacer is not None:
-                pacer.wait(producer)
-            while True:
-                try:
-                    produce(target, value, key)
-                    break
-                except BufferError:  # the local queue is full: let deliveries drain it
-                    poll(0.05)
-                except KafkaException as e:  # refused locally (e.g. too large): a failed record
-                    deliveries.failed += 1
-                    deliveries.failed_by_topic[target] += 1
-                    deliveries.add_error(f"{target}: {e.args[0].str()}")
-                    break
-            queued += 1
-            queued_by_topic[target] += 1
-            if kind is not None:
-                counts[kind] += 1
-            if queued % POLL_EVERY == 0:
-                poll(0)
-                if deliveries.fatal:
-                    break
-                show()
-    except KeyboardInterrupt:
-        interrupted = True  # stop reading; still wait for what was already queued
-    try:
-        # flush() in short slices so the progress line moves and a fatal error ends the wait;
-        # librdkafka reports every record within message.timeout.ms, so this terminates.
-        while len(producer) > 0 and not deliveries.fatal:
-            producer.flush(PROGRESS_INTERVAL_S)
-            show()
-    except KeyboardInterrupt:
-        interrupted = True
-    if deliveries.fatal:
-        producer.purge()  # each purged record is reported as failed
-        producer.flush(1)
+            yield Outgoing(target, key, value, label=kind)
+
+    status = Progress(progress)
+
+    def show(deliveries: Deliveries, in_flight: int, force: bool = False) -> None:
+        status.update(deliveries.queued - deliveries.failed - in_flight, deliveries.failed, in_flight, force)
+
+    started = time.monotonic()
+    deliveries = deliver(
+        settings, outgoing(), timeout_s=timeout_s, pace=Pacer(rate).wait if rate else None, tick=show
+    )
     elapsed = time.monotonic() - started
-    show(force=True)
+    show(deliveries, deliveries.unreported, force=True)
     status.close()
-    # Still queued after a second Ctrl-C: not known to be delivered, so not counted as sent.
-    unreported = len(producer)
+    counts.update(deliveries.queued_by_label)
     kinds = {k: v for k, v in counts.items() if k != "skipped"}
-    used = sorted(queued_by_topic) or ([topic] if topic else [])
-    by_topic = {t: queued_by_topic[t] - deliveries.failed_by_topic[t] for t in used}
+    used = sorted(deliveries.queued_by_topic) or ([topic] if topic else [])
+    by_topic = {t: deliveries.queued_by_topic[t] - deliveries.failed_by_topic[t] for t in used}
     return ProduceSummary(
         topic=", ".join(used),
         identity=settings.identity,
-        sent=queued - deliveries.failed - unreported,
-        failed=deliveries.failed + unreported,
+        # Still queued after a second Ctrl-C: not known to be delivered, so not counted as sent.
+        sent=deliveries.sent,
+        failed=deliveries.failed + deliveries.unreported,
         skipped=counts["skipped"],
         elapsed_s=elapsed,
         errors=deliveries.errors,
         kinds=kinds or None,
-        interrupted=interrupted,
+        interrupted=deliveries.interrupted,
         sent_by_topic=by_topic if len(used) > 1 else None,
     )
 
 
-def run(args: Any, settings: CliSettings) -> int:
+def add_parser(commands: Any) -> None:
+    """Adds `produce` to pipectl's subparsers."""
+    p = commands.add_parser(
+        "produce",
+        help="send raw events (JSON Lines file, stdin or generated) to pipeline.raw.<source>",
+        description="Send JSON Lines (one event per line, sent as-is, key = its user_id) or "
+        "generated events to a source's raw topic, pipeline.raw.<source>. A source-NAME identity "
+        "writes pipeline.raw.NAME; any other identity names the source with --source "
+        "(with --generate and no --source, each event goes to the topic of the source it "
+        "claims). Exit 0 when every record was delivered, 1 when any failed.",
+    )
+    p.add_argument("file", nargs="?", metavar="FILE|-", help="JSON Lines file, or - for stdin")
+    p.add_argument("--generate", type=number(int, 1), metavar="N", help="generate N synthetic events")
+    p.add_argument(
+        "--invalid-fraction",
+        type=number(float, 0, 1),
+        metavar="F",
+        help="with --generate: share of invalid events (default 0.05)",
+    )
+    p.add_argument(
+        "--duplicate-fraction",
+        type=number(float, 0, 1),
+        metavar="F",
+        help="with --generate: share of exact re-sends of earlier events (default 0.02)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="with --generate: the same events every run (ids, users, properties; "
+        "timestamps follow the clock)",
+    )
+    p.add_argument(
+        "--rate",
+        type=positive,
+        metavar="R",
+        help="pace to R events/s (default: as fast as the broker takes them)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="NAME",
+        help="identity to send as (default PIPELINE_IDENTITY or operator-cli), e.g. source-web",
+    )
+    p.add_argument(
+        "--source",
+        metavar="NAME",
+        help="write pipeline.raw.NAME (required unless the identity is source-NAME or with --generate)",
+    )
+    add_delivery_timeout(p)
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Usage checks argparse cannot express; raises UsageError (exit 2) before any I/O."""
+    generator_only = {
+        "--invalid-fraction": args.invalid_fraction,
+        "--duplicate-fraction": args.duplicate_fraction,
+        "--seed": args.seed,
+    }
+    if args.generate is not None:
+        if args.file is not None:
+            raise UsageError("give either FILE or --generate, not both")
+        return
+    given = [name for name, value in generator_only.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --generate")
+    if args.file is None:
+        if sys.stdin.isatty():  # reading a terminal would just hang waiting for input
+            raise UsageError("give FILE, - (stdin) or --generate N")
+        args.file = "-"
+
+
+def run(args: argparse.Namespace, settings: CliSettings) -> int:
     """The `produce` command: args from main's parser, settings already loaded."""
     source = target_source(settings.identity, args.source, args.generate is not None)
     topic = raw_topic(source) if source is not None else None

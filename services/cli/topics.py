@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from services.cli.settings import CliSettings
+from services.cli.settings import EXIT_FAILURE, EXIT_OK, CliSettings
 from services.common.identity import load_identity
 from services.common.kafka import client_config
 from services.common.topics import RAW_PREFIX, all_topics, configured_sources, source_of
@@ -75,3 +77,25 @@ def ingester_lags(admin: AdminClient, ends: dict[str, dict[int, int]]) -> dict[s
         topic: sum(max(end - max(committed.get((topic, p), 0), 0), 0) for p, end in by_partition.items())
         for topic, by_partition in ends.items()
     }
+
+
+def add_parser(commands: Any) -> None:
+    """Adds `topics` to pipectl's subparsers."""
+    p = commands.add_parser("topics", help="pipeline topics, partitions and records written")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace, settings: CliSettings) -> int:
+    rows = topic_offsets(settings)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            detail = row.get("error") or f"{row['partitions']} partitions, {row['end_offsets']} records"
+            if "ingester_lag" in row:
+                detail += f", ingester lag {row['ingester_lag']}"
+            print(f"{row['topic']:<22} {detail}")
+        raw = [row for row in rows if "ingester_lag" in row]
+        if len(raw) > 1:
+            print(f"{'pipeline.raw.*':<22} ingester lag {sum(row['ingester_lag'] for row in raw)} in all")
+    return EXIT_FAILURE if any("error" in row for row in rows) else EXIT_OK

@@ -10,9 +10,5 @@ def sample_user_id(n: int) -> str:
     return f"u{n:05d}"
 
 
-def is_test_user(n: int) -> bool:
-    return n >= FIRST_TEST_USER
-
-
 def tier_of(n: int) -> str:
     return "free" if n % 10 < 6 else "pro" if n % 10 < 9 else "enterprise"

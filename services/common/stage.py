@@ -93,39 +93,15 @@ class TransactionalStage:
         transform: Transform,
         poison: Poison,
         stop: asyncio.Event,
+        *,
+        consumer: Consumer | None = None,
+        producer: Producer | None = None,
     ):
+        """consumer, producer: clients to use instead of building them from `kafka` (tests)."""
         self.config, self.transform, self.poison, self.stop = config, transform, poison, stop
-        self.consumer = Consumer(
-            {
-                **kafka,
-                "group.id": config.group_id,
-                # Static membership: a restarted instance takes its partitions back at once
-                # instead of waiting out the old member's session (45 s).
-                "group.instance.id": config.transactional_id,
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "statistics.interval.ms": 5000,
-                "stats_cb": metrics.consumer_lag_callback(config.group_id, by_position=True),
-                # A pattern subscription (the ingester's pipeline.raw.<source>) sees a new
-                # source's topic at the next metadata refresh (default 5 minutes).
-                "topic.metadata.refresh.interval.ms": 30_000,
-            }
-        )
-        self.producer = Producer(
-            {
-                **kafka,
-                "transactional.id": config.transactional_id,
-                # Back-to-back transactions often get "busy, retry" from the coordinator;
-                # librdkafka's 100 ms default backoff then dominates (measured: worst runs
-                # 38k -> 70k records/s with 10 ms).
-                "retry.backoff.ms": 10,
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                "message.max.bytes": DLQ_RECORD_BYTES + 64 * 1024,
-                "queue.buffering.max.messages": 1_000_000,
-            }
-        )
+        self.consumer = consumer if consumer is not None else _stage_consumer(config, kafka)
+        # Not `producer or ...`: a Producer with nothing queued is falsy (len() counts its queue).
+        self.producer = producer if producer is not None else _stage_producer(config, kafka)
         self.running = False
         self.assigned: list[TopicPartition] = []
         self._idle = threading.Event()  # no transaction in flight
@@ -150,7 +126,8 @@ class TransactionalStage:
                 )
                 batch = [m for m in messages if usable(m)]
                 if not batch:
-                    in_flight = await self._settle(in_flight, [])
+                    await self._settle(in_flight, [])
+                    in_flight = None
                     continue
                 started = time.monotonic()
                 try:
@@ -158,34 +135,44 @@ class TransactionalStage:
                         outcome = await isolating(self.transform, self.poison, batch)
                 except Stopping:
                     break  # not committed: the batch is read again after restart
-                if in_flight is not None and await self._settle(in_flight, batch) is in_flight:
-                    continue  # the previous batch was aborted: both are read again
+                if in_flight is not None:
+                    committed = await self._settle(in_flight, batch)
+                    in_flight = None
+                    if not committed:
+                        continue  # the previous batch was aborted: both are read again
+                # Cleared here, not in the task: the next consume() may serve a revoke in its
+                # thread before the task first runs, and that revoke must wait for this commit.
+                self._idle.clear()
                 in_flight = InFlight(
                     batch, outcome, started, asyncio.create_task(self._commit(batch, outcome))
                 )
         finally:
             self.running = False
-            if in_flight is not None:
-                await self._settle(in_flight, [])
-            await asyncio.to_thread(self.consumer.close)
-            log.info("stage stopped", extra={"stage": name})
+            try:
+                if in_flight is not None:
+                    await self._settle(in_flight, [])  # re-raises a fatal error of its commit
+            finally:
+                # Also after a fatal error: the supervisor's next stage joins the group with
+                # the same static member id, and this consumer must have left it.
+                await asyncio.to_thread(self.consumer.close)
+                log.info("stage stopped", extra={"stage": name})
 
-    async def _settle(self, in_flight: InFlight | None, next_batch: list[Message]) -> InFlight | None:
-        """Wait for the batch in flight to commit. Returns None once it has; if it was
-        aborted, rewinds to its start (and that of `next_batch`, read after it) and
-        returns it unchanged so the caller drops `next_batch` too."""
+    async def _settle(self, in_flight: InFlight | None, next_batch: list[Message]) -> bool:
+        """Wait for the batch in flight, if any, to commit, and count it. False if it was
+        aborted: it is rewound to its start, and so is `next_batch` (read after it), which
+        the caller then drops, so both are read again."""
         if in_flight is None:
-            return None
+            return True
         if await in_flight.commit:
             self._count(in_flight.batch, in_flight.outcome, time.monotonic() - in_flight.started)
-            return None
+            return True
         self._rewind(in_flight.batch + next_batch)
-        return in_flight
+        return False
 
     async def _commit(self, batch: list[Message], outcome: BatchOutcome) -> bool:
-        """Produce the outputs and the consumed offsets atomically; False if aborted."""
+        """Produce the outputs and the consumed offsets atomically; False if aborted.
+        The caller clears `_idle`; it is set again when the transaction has settled."""
         offsets = _next_offsets(batch)
-        self._idle.clear()
         try:
             self.producer.begin_transaction()
             for record in outcome.records:
@@ -280,6 +267,43 @@ class TransactionalStage:
             log.warning("revoking partitions with a transaction still in flight")
         self.assigned = []
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+
+
+def _stage_consumer(config: StageConfig, kafka: dict[str, Any]) -> Consumer:
+    return Consumer(
+        {
+            **kafka,
+            "group.id": config.group_id,
+            # Static membership: a restarted instance takes its partitions back at once
+            # instead of waiting out the old member's session (45 s).
+            "group.instance.id": config.transactional_id,
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "statistics.interval.ms": 5000,
+            "stats_cb": metrics.consumer_lag_callback(config.group_id, by_position=True),
+            # A pattern subscription (the ingester's pipeline.raw.<source>) sees a new
+            # source's topic at the next metadata refresh (default 5 minutes).
+            "topic.metadata.refresh.interval.ms": 30_000,
+        }
+    )
+
+
+def _stage_producer(config: StageConfig, kafka: dict[str, Any]) -> Producer:
+    return Producer(
+        {
+            **kafka,
+            "transactional.id": config.transactional_id,
+            # Back-to-back transactions often get "busy, retry" from the coordinator;
+            # librdkafka's 100 ms default backoff then dominates (measured: worst runs
+            # 38k -> 70k records/s with 10 ms).
+            "retry.backoff.ms": 10,
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "message.max.bytes": DLQ_RECORD_BYTES + 64 * 1024,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
 
 
 async def isolating(transform: Transform, poison: Poison, batch: list[Message]) -> BatchOutcome:

@@ -28,7 +28,6 @@ class UserDirectory:
     def __init__(self, dsn: str, ttl_s: float = 300.0, max_entries: int = 200_000):
         self.db, self.ttl_s, self.max_entries = Database(dsn), ttl_s, max_entries
         self._cache: dict[str, tuple[float, User]] = {}
-        self.queries = 0  # round trips to PostgreSQL, for tests and metrics
 
     async def lookup(self, user_ids: set[str]) -> dict[str, User]:
         now = time.monotonic()
@@ -56,7 +55,6 @@ class UserDirectory:
         rows = await self.db.fetch(
             "SELECT id, name, tier, is_test FROM users WHERE id = ANY($1::text[])", user_ids
         )
-        self.queries += 1
         return {row["id"]: row for row in rows}
 
     async def close(self) -> None:

@@ -89,7 +89,9 @@ class SinkLoop:
         batch_timeout_s: float = 0.1,
         flush_records: int = 1,
         flush_seconds: float = 0.0,
+        consumer: Consumer | None = None,
     ):
+        """consumer: a client to use instead of building one from `kafka` (tests)."""
         self.sink, self.opa, self.dlq, self.stop = sink, opa, dlq, stop
         self.stage = f"storage-{sink.name}"
         self.serde = AvroSerde(store, "pipeline.events.ProcessedEvent")
@@ -97,7 +99,7 @@ class SinkLoop:
         self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
         self.batch_size, self.batch_timeout_s = batch_size, batch_timeout_s
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
-        self.consumer = Consumer(
+        self.consumer = consumer or Consumer(
             {
                 **kafka,
                 "group.id": self.stage,

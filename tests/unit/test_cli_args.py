@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from services.cli import settings as settings_module
 from services.cli.main import main
 
 
 @pytest.fixture
-def no_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
+def no_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No PIPELINE_* and no .stack/env to fall back on (a developer's checkout may have one)."""
     for name in list(os.environ):
         if name.startswith("PIPELINE_"):
             monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(settings_module, "PACKAGE_DIR", tmp_path)
 
 
 @pytest.fixture
@@ -42,6 +45,7 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         ),
         (["produce", "--rate", "0", "-"], "--rate"),
         (["produce", "--rate", "-5", "-"], "--rate"),
+        (["produce", "--rate", "inf", "-"], "--rate"),  # librdkafka cannot pace or time out at infinity
         (["produce", "--timeout", "0", "-"], "--timeout"),
         (["produce", "-"], "--source NAME is required"),  # the operator must name the source
         (["produce", "--source", "Web", "-"], "--source 'Web'"),

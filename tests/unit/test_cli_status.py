@@ -18,34 +18,22 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from services.cli import status
 from services.cli.main import main
-from services.cli.status import (
-    Check,
-    Collector,
-    DlqTotals,
-    GroupLag,
-    PartitionLag,
-    Report,
+from services.cli.status.command import Collector
+from services.cli.status.config import CHECK_TIMEOUT_S, DEFAULT_INTERVAL_S, DEFAULT_WATCH_S, StatusSettings
+from services.cli.status.lag import GroupLag, PartitionLag, apply_counts, gaps_to_count, lag_of
+from services.cli.status.probes import describe, in_thread, not_ready_reasons, probe_service, sample_metrics
+from services.cli.status.rates import (
     Sample,
     ServiceRates,
     StageCounters,
-    StoreCount,
-    apply_counts,
     counter_rate,
-    describe,
-    gaps_to_count,
-    lag_of,
-    not_ready_reasons,
     parse_stage_counters,
-    probe_service,
-    read_supervision,
-    render,
     stage_rates,
-    to_json,
-    window_text,
-    with_supervision,
 )
+from services.cli.status.render import render, to_json, window_text
+from services.cli.status.report import Check, DlqTotals, Report, StoreCount
+from services.cli.status.supervision import read_supervision, with_supervision
 
 NOW = datetime(2026, 11, 26, 14, 3, 7, tzinfo=UTC)
 
@@ -398,9 +386,9 @@ def test_a_service_that_is_not_ready_fails_with_its_reason() -> None:
     assert isinstance(sample, Sample) and sample.stages["storage-lake"].records_in == 5
 
 
-def settings_for(tmp_path: Path, port: int) -> status.StatusSettings:
+def settings_for(tmp_path: Path, port: int) -> StatusSettings:
     url = f"http://127.0.0.1:{port}"
-    return status.StatusSettings(
+    return StatusSettings(
         kafka_bootstrap=f"127.0.0.1:{port}",
         identity_dir=str(tmp_path),
         opa_url=url,
@@ -421,12 +409,12 @@ def test_rates_take_a_second_sample_then_reuse_the_previous_refresh(tmp_path: Pa
 
     async def two_refreshes() -> tuple[list[ServiceRates], list[ServiceRates]]:
         async with httpx.AsyncClient(transport=fake_service(True, [100, 110, 130])) as client:
-            first_sample = await status.sample_metrics(client, "http://storage")
+            first_sample = await sample_metrics(client, "http://storage")
             first = await collector._rates(
                 client, {"storage": (Check("storage", True, "ready"), first_sample)}
             )
             await asyncio.sleep(0.05)
-            again = await status.sample_metrics(client, "http://storage")  # the next refresh's probe
+            again = await sample_metrics(client, "http://storage")  # the next refresh's probe
             second = await collector._rates(client, {"storage": (Check("storage", True, "ready"), again)})
             return first, second
 
@@ -442,7 +430,7 @@ def test_rates_take_a_second_sample_then_reuse_the_previous_refresh(tmp_path: Pa
 
 def test_in_thread_gives_up_at_the_timeout() -> None:
     async def slow() -> None:
-        await status.in_thread(lambda: time.sleep(3), 0.1)
+        await in_thread(lambda: time.sleep(3), 0.1)
 
     started = time.monotonic()
     with pytest.raises(TimeoutError):
@@ -477,7 +465,7 @@ def test_status_with_nothing_reachable_answers_fast_and_exits_1(
     elapsed = time.monotonic() - started
     data = json.loads(capsys.readouterr().out)
     assert code == 1
-    assert elapsed < 2 * status.CHECK_TIMEOUT_S, elapsed
+    assert elapsed < 2 * CHECK_TIMEOUT_S, elapsed
     assert data["healthy"] is False
     names = {p.split(":", 1)[0] for p in data["problems"]}
     assert names == {"ingester", "processor", "storage", "opa", "postgres", "kafka", "s3", "elasticsearch"}
@@ -510,13 +498,13 @@ def test_watch_defaults() -> None:
 
     parser = build_parser()
     assert parser.parse_args(["status"]).watch is None
-    assert parser.parse_args(["status", "--watch"]).watch == status.DEFAULT_WATCH_S
+    assert parser.parse_args(["status", "--watch"]).watch == DEFAULT_WATCH_S
     args = parser.parse_args(["status", "--watch", "10", "--json", "-v"])
     assert (args.watch, args.json, args.verbose, args.interval) == (
         10.0,
         True,
         True,
-        status.DEFAULT_INTERVAL_S,
+        DEFAULT_INTERVAL_S,
     )
 
 

@@ -100,6 +100,7 @@ def test_a_transactional_call_that_outlives_its_timeout_exits_the_process(monkey
     exits: list[int] = []
     monkeypatch.setattr(stage_module, "TRANSACTION_TIMEOUT_S", 0.05)
     monkeypatch.setattr(stage_module, "WEDGED_AFTER_S", 0.05)
+
     def exit_(code: int) -> None:
         exits.append(code)
         release.set()  # let the worker thread go, as the process's end would

@@ -1,0 +1,59 @@
+"""What `pipectl status` talks to, how long it waits, and which groups it watches."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from services.cli.settings import CliSettings
+from services.common.topics import PROCESSED, RAW_PREFIX, VALIDATED
+
+# A component that has not answered in this long is reported as down: status must answer
+# fast precisely when something is broken.
+CHECK_TIMEOUT_S = 2.5
+# Reading data (offsets, the whole DLQ, counting rows and objects) may take longer on a big
+# pipeline than a health probe, but is still bounded so that status always answers.
+DATA_TIMEOUT_S = 10.0
+# Lag up to this many offsets in a partition is counted record by record (count_readable);
+# above it the few transaction markers among the offsets are noise, and reading would cost.
+COUNT_LAG_UP_TO = 1000
+COUNT_TIMEOUT_S = 3.0
+COUNT_GROUP = "pipectl-status"  # the operator may READ only pipectl-* groups
+DEFAULT_INTERVAL_S = 2.0
+DEFAULT_WATCH_S = 5.0
+
+SERVICES = ("ingester", "processor", "storage")
+# The ingester reads every source's raw topic (a pattern subscription): its lag is the sum
+# over them, shown per topic with -v. RAW_TOPICS stands for them wherever a topic is named.
+RAW_TOPICS = RAW_PREFIX + "*"
+# Each consumer group and the topic it reads. The stages are `pipeline-<stage>`
+# (services/common/service.py); storage runs one group per sink (services/storage/service.py).
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("pipeline-ingester", RAW_TOPICS),
+    ("pipeline-processor", VALIDATED),
+    *((f"storage-{sink}", PROCESSED) for sink in ("postgres", "lake", "search", "analytics")),
+)
+LAKE_PREFIX = "events/"  # the lake sink's object keys: events/date=.../hour=.../part-....parquet
+SEARCH_INDICES = "events-*"  # the search sink's monthly indices: events-YYYY.MM
+ROWS, OBJECTS, DOCUMENTS = "rows in events", f"objects under {LAKE_PREFIX}", f"documents in {SEARCH_INDICES}"
+ES_OK = ("green", "yellow")  # yellow: replicas unassigned, normal for a single node
+
+
+class StatusSettings(CliSettings):
+    """Everything status talks to; `. .stack/env` sets all of it. A missing one exits 2."""
+
+    opa_url: str = Field(pattern=r"^https?://")
+    pg_dsn: SecretStr  # holds a password: never echoed in a settings error
+    s3_endpoint: str = Field(pattern=r"^https?://")
+    s3_bucket: str = Field(min_length=1)
+    s3_access_key: str = Field(min_length=1)
+    s3_secret_key: SecretStr
+    es_url: str = Field(pattern=r"^https?://")
+    ingester_url: str = Field(pattern=r"^https?://")
+    processor_url: str = Field(pattern=r"^https?://")
+    storage_url: str = Field(pattern=r"^https?://")
+    # The native stack's directory: where each service's supervisor keeps its state.
+    stack_dir: str | None = None
+
+    def service_url(self, name: str) -> str:
+        url: str = getattr(self, f"{name}_url")
+        return url.rstrip("/")
