@@ -374,7 +374,7 @@ def test_which_s3_errors_are_about_the_request(code: str, status: int, refused: 
 
 def test_a_value_pyarrow_refuses_is_isolated_and_the_rest_of_the_group_kept() -> None:
     events = [event("a", 10), event("b", 11, hour=300), event("c", 12)]  # hour is int8 in Parquet
-    kept, refused = lake._convertible(events, WHEN)
+    _, kept, refused = lake._convertible(events, WHEN)
     assert ids(kept) == ["a", "c"]
     assert [(e.record["id"], r.split(":")[0]) for e, r in refused] == [
         ("b", "lake could not convert the record to Parquet")
@@ -432,6 +432,6 @@ def test_s3_access_denied_waits_for_the_whole_flush() -> None:
 
 def test_properties_text_is_kept_as_is_in_the_lake() -> None:
     odd = '{"n": 1e999, "s": "' + "x" * 40_000 + '"}'
-    kept, refused = lake._convertible([event("a", properties=odd), event("b", properties="[1]")], WHEN)
+    _, kept, refused = lake._convertible([event("a", properties=odd), event("b", properties="[1]")], WHEN)
     assert ids(kept) == ["a", "b"] and refused == []
     assert orjson.loads(lake._table(kept, WHEN).column("properties")[1].as_py()) == [1]

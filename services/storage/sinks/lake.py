@@ -97,10 +97,10 @@ class LakeSink:
         refused: list[tuple[StoredEvent, str]] = []
         objects: list[tuple[int, datetime, list[StoredEvent], bytes]] = []
         for (partition, hour), group in groups.items():
-            kept, unconvertible = _convertible(group, stored_at)
+            table, kept, unconvertible = _convertible(group, stored_at)
             refused += unconvertible
-            if kept:
-                objects.append((partition, hour, kept, _parquet(kept, stored_at)))
+            if table is not None:
+                objects.append((partition, hour, kept, _parquet_bytes(table)))
         try:
             async with self.session.client("s3", endpoint_url=self.endpoint) as s3:
                 results = await asyncio.gather(
@@ -151,12 +151,12 @@ def s3_refuses_request(error: ClientError) -> bool:
 
 def _convertible(
     events: list[StoredEvent], stored_at: datetime
-) -> tuple[list[StoredEvent], list[tuple[StoredEvent, str]]]:
-    """The events pyarrow can convert to SCHEMA, and the others with its reason. The whole
-    group in one go first; record by record only when that fails."""
+) -> tuple[pa.Table | None, list[StoredEvent], list[tuple[StoredEvent, str]]]:
+    """The table of the events pyarrow can convert to SCHEMA (None if none can), those
+    events, and the others with its reason. The whole group in one go first; record by
+    record only when that fails."""
     try:
-        _table(events, stored_at)
-        return events, []
+        return _table(events, stored_at), events, []
     except Exception:  # pyarrow's errors about values: ArrowInvalid, ArrowTypeError, OverflowError...
         pass
     kept, refused = [], []
@@ -166,12 +166,16 @@ def _convertible(
             kept.append(event)
         except Exception as e:
             refused.append((event, f"lake could not convert the record to Parquet: {type(e).__name__}: {e}"))
-    return kept, refused
+    return (_table(kept, stored_at) if kept else None), kept, refused
 
 
 def _parquet(events: list[StoredEvent], stored_at: datetime) -> bytes:
+    return _parquet_bytes(_table(events, stored_at))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(_table(events, stored_at), sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
 
 
