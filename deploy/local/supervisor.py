@@ -5,9 +5,10 @@
 
 The service runs as this process's child and shares its stdout/stderr (the service's log).
 A child that exits non-zero or by a signal is started again after a backoff (1 s, doubling
-to 30 s; back to 1 s once a run has lasted 60 s). Exit 0 is a clean stop and exit 2 a bad
-setting (services/common/service.py run_main): neither is restarted, since the same
-settings would fail the same way; the supervisor exits with the child's code. SIGTERM and
+to 30 s; back to 1 s once a run has lasted 60 s). Exit 0 is a clean stop and is not restarted;
+neither is exit 2, a bad setting (services/common/service.py run_main), at the first start,
+since the same settings would fail the same way: the supervisor exits with the child's code.
+After a restart, exit 2 is retried like a crash (the environment changed under the service). SIGTERM and
 SIGINT are passed to the child, and the supervisor exits once it has stopped.
 
 What happened is kept in a small JSON state file (written atomically), which `pipectl
@@ -293,7 +294,9 @@ class Supervisor:
             log.info("service stopped", extra={"exit_code": code, "signal": signame})
             self._write(state="stopped", **{**exit_fields, "last_error": self.state["last_error"]})
             return True, 0, None
-        if code in NOT_RESTARTED:
+        # A bad setting at the first start is final (make up fails fast); after a restart it
+        # is the environment changing under the service (e.g. an SVID being rewritten): retry.
+        if code == 0 or (code in NOT_RESTARTED and self.state["starts"] == 1):
             why = "stopped cleanly" if code == 0 else "refused its settings"
             log.warning(f"service {why}; not restarting", extra={"exit_code": code})
             self._write(state="stopped" if code == 0 else "failed", **exit_fields)

@@ -40,6 +40,8 @@ if mode == "crash":
     sys.exit(3)
 if mode == "exit":
     sys.exit(int(sys.argv[3]))
+if mode == "crash-then-exit":  # the first start crashes, the later ones exit with argv[3]
+    sys.exit(3 if len((out / "starts").read_text().splitlines()) == 1 else int(sys.argv[3]))
 if mode == "slow-crash":
     time.sleep(float(sys.argv[3]))
     sys.exit(3)
@@ -257,6 +259,15 @@ def test_a_clean_exit_or_a_settings_error_is_not_restarted(
     saved = run.state()
     assert (saved["state"], saved["restarts"], saved["last_exit_code"]) == (state, 0, code)
     assert len(run.starts()) == 1
+
+
+def test_a_settings_error_after_a_restart_is_retried(tmp_path: Path, runs: list[Run]) -> None:
+    """Exit 2 is final only at the first start: after a crash it means the environment
+    changed under the service (e.g. an SVID half rewritten), which a later start may not see."""
+    run = Run(tmp_path, "crash-then-exit", "2", options=("--backoff-initial=0.05", "--backoff-max=0.1"))
+    runs.append(run)
+    eventually(lambda: len(run.starts()) >= 3, 10, "restarted after exit 2")
+    assert run.process.poll() is None
 
 
 def test_the_service_dies_with_its_supervisor(tmp_path: Path, runs: list[Run]) -> None:
