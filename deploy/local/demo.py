@@ -39,6 +39,14 @@ def scrape(stack: Stack) -> Samples:
     return samples
 
 
+def scrape_or_nothing(stack: Stack) -> Samples:
+    """scrape(), or no samples while a service does not answer (restarting): not settled yet."""
+    try:
+        return scrape(stack)
+    except httpx.HTTPError:
+        return Counter()
+
+
 def total(samples: Samples, name: str, **labels: str) -> int:
     return int(sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()))
 
@@ -63,6 +71,17 @@ def settled(delta: Samples, produced: int) -> bool:
 
 
 def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    # Counters start at zero in a restarted service: count from a stack whose services are
+    # all up and ready (one may be restarting, e.g. right after a broker outage).
+    while not all(service.ready() for service in stack.services.values()):
+        if time.monotonic() > deadline:
+            print(
+                f"demo: the services are not ready within {timeout_s:.0f}s; see `pipectl status`",
+                file=sys.stderr,
+            )
+            return False
+        time.sleep(0.5)
     before = scrape(stack)
     env = stack.env()
     settings = CliSettings(
@@ -79,8 +98,7 @@ def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
     print("      to " + ", ".join(f"{t} {n:,}" for t, n in sorted((summary.sent_by_topic or {}).items())))
     print("      kinds: " + ", ".join(f"{k} {v:,}" for k, v in sorted((summary.kinds or {}).items())))
 
-    deadline = time.monotonic() + timeout_s
-    while not settled(delta := scrape(stack) - before, summary.sent):
+    while not settled(delta := scrape_or_nothing(stack) - before, summary.sent):
         if time.monotonic() > deadline:
             print(
                 f"demo: the pipeline has not settled within {timeout_s:.0f}s; see `pipectl status`",
