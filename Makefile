@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-# The bench extra (aiokafka, for scripts/bench_clients.py), only for those who run benchmarks.
+# The bench extra (matplotlib for the plot, aiokafka for scripts/bench_clients.py), only for benchmarks.
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	@touch $@

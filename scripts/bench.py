@@ -78,7 +78,7 @@ from scripts.benchlib import (
     table,
 )
 from services.cli.generate import GeneratedEvent, generate_events
-from services.common.topics import ANALYTICS, PROCESSED, VALIDATED, raw_topic
+from services.common.topology import ANALYTICS, PROCESSED, VALIDATED, raw_topic
 
 # Generated kinds the pipeline stores in PostgreSQL (the others are dead-lettered, dropped as
 # duplicates or filtered by rule): see services/cli/generate.py.
@@ -91,7 +91,7 @@ HOPS = (
     {"hop": "validated->processed", "identity": "service-processor", "input": VALIDATED, "output": PROCESSED,
      "group": "pipeline-processor", "transactional_id": "pipeline-processor-bench", "stage": "processor"},
     {"hop": "processed->analytics", "identity": "service-storage", "input": PROCESSED, "output": ANALYTICS,
-     "group": "storage-bench", "transactional_id": "pipeline-storage-bench", "stage": "storage-analytics"},
+     "group": "pipeline-storage-bench", "transactional_id": "pipeline-storage-bench", "stage": "storage-analytics"},
 )  # fmt: skip
 STATS = """
 SELECT count(*) AS n,

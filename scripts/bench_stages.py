@@ -15,7 +15,7 @@ import time
 from deploy.local.stack import Stack
 from scripts.benchlib import SINKS, cpu_seconds, exit_on_signals, isolated_stack, metric, produce, table
 from services.cli.generate import generate_events
-from services.common.topics import raw_topic
+from services.common.topology import raw_topic
 
 
 def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: int) -> list[dict[str, float]]:

@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local.stack import Stack, free_ports
-from services.common.topics import configured_sources, raw_topic
+from services.common.topology import configured_sources, raw_topic
 
 REPO = Path(__file__).resolve().parents[1]
 SINKS = ("storage-postgres", "storage-lake", "storage-search", "storage-analytics")

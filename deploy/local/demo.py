@@ -21,9 +21,19 @@ from deploy.local.stack import DEFAULT_ROOT, Stack
 from services.cli.generate import generate_events
 from services.cli.produce import produce_records
 from services.cli.settings import CliSettings
-from services.common.topics import PROCESSED, VALIDATED, raw_topic
+from services.common.topology import (
+    DEAD_LETTERS_METRIC,
+    DUPLICATES_METRIC,
+    FILTERED_METRIC,
+    PROCESSED,
+    RECORDS_IN_METRIC,
+    RECORDS_OUT_METRIC,
+    SINKS,
+    VALIDATED,
+    raw_topic,
+    sink_stage,
+)
 
-SINKS = ("postgres", "lake", "search", "analytics")
 Samples = Counter[tuple[str, tuple[tuple[str, str], ...]]]
 
 
@@ -61,12 +71,12 @@ def by_label(samples: Samples, name: str, label: str, **labels: str) -> dict[str
 
 
 def settled(delta: Samples, produced: int) -> bool:
-    validated = total(delta, "pipeline_records_out_total", stage="ingester", topic=VALIDATED)
-    processed = total(delta, "pipeline_records_out_total", stage="processor", topic=PROCESSED)
+    validated = total(delta, RECORDS_OUT_METRIC, stage="ingester", topic=VALIDATED)
+    processed = total(delta, RECORDS_OUT_METRIC, stage="processor", topic=PROCESSED)
     return (
-        total(delta, "pipeline_records_in_total", stage="ingester") >= produced
-        and total(delta, "pipeline_records_in_total", stage="processor") >= validated
-        and all(total(delta, "pipeline_records_in_total", stage=f"storage-{s}") >= processed for s in SINKS)
+        total(delta, RECORDS_IN_METRIC, stage="ingester") >= produced
+        and total(delta, RECORDS_IN_METRIC, stage="processor") >= validated
+        and all(total(delta, RECORDS_IN_METRIC, stage=sink_stage(s)) >= processed for s in SINKS)
     )
 
 
@@ -107,13 +117,13 @@ def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
             return False
         time.sleep(0.5)
 
-    ingested = total(delta, "pipeline_records_in_total", stage="ingester")
-    validated = total(delta, "pipeline_records_out_total", stage="ingester", topic=VALIDATED)
-    dead = by_label(delta, "pipeline_dead_letters_total", "error_class", stage="ingester")
-    duplicates = total(delta, "pipeline_duplicates_total", stage="ingester")
-    processed = total(delta, "pipeline_records_out_total", stage="processor", topic=PROCESSED)
-    filtered = by_label(delta, "pipeline_filtered_total", "reason", stage="processor")
-    processor_dead = by_label(delta, "pipeline_dead_letters_total", "error_class", stage="processor")
+    ingested = total(delta, RECORDS_IN_METRIC, stage="ingester")
+    validated = total(delta, RECORDS_OUT_METRIC, stage="ingester", topic=VALIDATED)
+    dead = by_label(delta, DEAD_LETTERS_METRIC, "error_class", stage="ingester")
+    duplicates = total(delta, DUPLICATES_METRIC, stage="ingester")
+    processed = total(delta, RECORDS_OUT_METRIC, stage="processor", topic=PROCESSED)
+    filtered = by_label(delta, FILTERED_METRIC, "reason", stage="processor")
+    processor_dead = by_label(delta, DEAD_LETTERS_METRIC, "error_class", stage="processor")
     ok_in = validated + sum(dead.values()) + duplicates == ingested
     ok_proc = processed + sum(filtered.values()) + sum(processor_dead.values()) == validated
 
@@ -124,9 +134,9 @@ def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
           f" + {sum(processor_dead.values()):,} dead-lettered  {'(adds up)' if ok_proc else '(DOES NOT ADD UP)'}")  # fmt: skip
     print(f"{'':<10} filtered: " + (", ".join(f"{k} {v:,}" for k, v in filtered.items()) or "none"))
     for sink in SINKS:
-        stage = f"storage-{sink}"
-        stored = total(delta, "pipeline_records_out_total", stage=stage)
-        refused = total(delta, "pipeline_dead_letters_total", stage=stage)
+        stage = sink_stage(sink)
+        stored = total(delta, RECORDS_OUT_METRIC, stage=stage)
+        refused = total(delta, DEAD_LETTERS_METRIC, stage=stage)
         print(
             f"{stage:<18} {stored:>7,} of {processed:,} stored"
             + (f", {refused:,} refused" if refused else "")

@@ -42,7 +42,7 @@ from deploy.local.s3server import S3Server
 from deploy.local.search_server import SearchServer
 from services.common.identity import X509Identity, identity_name, load_identity
 from services.common.kafka import client_config
-from services.common.topics import TopicSpec, all_topics, configured_sources
+from services.common.topology import TopicSpec, all_topics, configured_sources
 from services.storage.migrate import apply_migrations
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".stack"

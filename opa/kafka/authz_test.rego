@@ -215,11 +215,11 @@ test_processor_denied if {
 test_storage_allowed if {
 	allowed_all(storage, [
 		["TOPIC", "pipeline.processed", "READ"],
-		["GROUP", "storage-postgres", "READ"],
-		["GROUP", "storage-lake", "READ"],
-		["GROUP", "storage-search", "READ"],
-		["GROUP", "storage-analytics", "READ"],
-		["GROUP", "storage-lake", "DESCRIBE"],
+		["GROUP", "pipeline-storage-postgres", "READ"],
+		["GROUP", "pipeline-storage-lake", "READ"],
+		["GROUP", "pipeline-storage-search", "READ"],
+		["GROUP", "pipeline-storage-analytics", "READ"],
+		["GROUP", "pipeline-storage-lake", "DESCRIBE"],
 		["TOPIC", "pipeline.analytics", "WRITE"],
 		["TOPIC", "pipeline.dlq", "WRITE"],
 		["TRANSACTIONAL_ID", "pipeline-storage-lake-0", "WRITE"],
@@ -233,8 +233,10 @@ test_storage_denied if {
 		["TOPIC", "pipeline.analytics", "READ"],
 		["TOPIC", "pipeline.validated", "READ"],
 		["GROUP", "pipeline-processor", "READ"],
-		["GROUP", "storage", "READ"], # prefix is "storage-"
-		["GROUP", "storage-lake", "DELETE"],
+		["GROUP", "storage-lake", "READ"], # prefix is "pipeline-storage-"
+		["GROUP", "pipeline-storage", "READ"],
+		["TRANSACTIONAL_ID", "pipeline-storagex-0", "WRITE"],
+		["GROUP", "pipeline-storage-lake", "DELETE"],
 		["TRANSACTIONAL_ID", "pipeline-processor-0", "WRITE"],
 	])
 }
@@ -252,7 +254,7 @@ test_operator_allowed if {
 		["TOPIC", "pipeline.audit", "WRITE"],
 		["TOPIC", "pipeline.audit", "READ"],
 		["GROUP", "pipeline-ingester", "DESCRIBE"],
-		["GROUP", "storage-lake", "DESCRIBE"],
+		["GROUP", "pipeline-storage-lake", "DESCRIBE"],
 		["GROUP", "pipectl-inspect-1", "READ"],
 		["CLUSTER", "kafka-cluster", "DESCRIBE"],
 		["CLUSTER", "kafka-cluster", "DESCRIBE_CONFIGS"],

@@ -14,9 +14,7 @@ from typing import Any, NamedTuple
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from services.cli.settings import CliSettings
-from services.common.identity import load_identity
-from services.common.kafka import client_config
-from services.common.topics import LARGE_RECORD_BYTES
+from services.common.topology import LARGE_RECORD_BYTES
 
 # Errors kept verbatim for the summary; the rest are only counted.
 MAX_ERRORS_KEPT = 5
@@ -50,27 +48,19 @@ class Written:
     offset: int
 
 
-def producer_config(settings: CliSettings, timeout_s: float, **overrides: Any) -> dict[str, Any]:
-    """An idempotent, fully acknowledged producer tuned for throughput (batching, lz4)."""
-    identity = load_identity(settings.identity_dir, settings.identity)
-    return client_config(
-        settings.kafka_bootstrap,
-        identity,
+def cli_producer(settings: CliSettings, timeout_s: float, **overrides: Any) -> Producer:
+    """The idempotent producer profile, sending as the operator's (or a source's) identity."""
+    return settings.kafka_clients().producer(
         **{
-            # Retries after a lost ack never duplicate or reorder a record within a partition.
-            "enable.idempotence": True,
-            "acks": "all",
-            # Under load, 10 ms of lingering lets thousands of records share one request and
-            # one lz4 frame; a lone interactive record waits at most those 10 ms.
+            # A lone interactive record waits at most these 10 ms.
             "linger.ms": 10,
-            "compression.type": "lz4",
             # Raw accepts records up to 8 MiB so oversized events reach the ingester (which
             # dead-letters them as `oversized`); the client must not refuse them first.
             "message.max.bytes": LARGE_RECORD_BYTES,
             # A record not acknowledged within this is reported failed (broker down, denied).
             "message.timeout.ms": int(timeout_s * 1000),
             **overrides,
-        },
+        }
     )
 
 
@@ -162,7 +152,7 @@ def deliver(
         # A Python callback per delivered record cost ~30% of the throughput (measured:
         # 81k vs 119k records/s); successes are derived from what left the queue instead.
         config = {"on_delivery": deliveries.on_delivery, "delivery.report.only.error": True, **config}
-    producer = Producer(producer_config(settings, timeout_s, error_cb=deliveries.on_error, **config))
+    producer = cli_producer(settings, timeout_s, error_cb=deliveries.on_error, **config)
     produce, poll = producer.produce, producer.poll
     try:
         for record in records:

@@ -27,16 +27,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
 from services.cli.args import add_delivery_timeout
 from services.cli.delivery import Deliveries, Outgoing, deliver
 from services.cli.settings import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, CliSettings, UsageError
 from services.common.avro import AvroSerde, SchemaStore, SerdeError
-from services.common.dlq import DEAD_LETTER_SCHEMA, ErrorClass
-from services.common.identity import load_identity
-from services.common.kafka import client_config
-from services.common.topics import AUDIT, DLQ, RAW_PREFIX, source_of
+from services.common.dlq import ErrorClass
+from services.common.topology import AUDIT, DEAD_LETTER, DLQ, RAW_PREFIX, operator_group, source_of
 
 UNDECODABLE = "undecodable"
 CLASSES = (*(c.value for c in ErrorClass), UNDECODABLE)
@@ -44,7 +42,7 @@ REPLAY_HEADER = "pipeline-replay-of"
 # Who sent the replayed record: the SPIFFE ID the replay ran as (the broker saw the same).
 REPLAYED_BY_HEADER = "pipeline-replayed-by"
 AUDIT_ACTION = "dlq.replay"
-GROUP_ID = "pipectl-dlq"
+GROUP_ID = operator_group("dlq")
 # No record for this long while partitions are still unread: the broker is gone or
 # refusing us; fail rather than hang.
 IDLE_TIMEOUT_S = 30.0
@@ -119,25 +117,15 @@ class DlqReader:
 
     def __init__(self, settings: CliSettings, topic: str = DLQ) -> None:
         self.topic = topic
-        self.serde = AvroSerde(SchemaStore.load(), DEAD_LETTER_SCHEMA)
-        identity = load_identity(settings.identity_dir, settings.identity)
-        self.consumer = Consumer(
-            client_config(
-                settings.kafka_bootstrap,
-                identity,
-                **{
-                    "group.id": GROUP_ID,
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    # Stages write the DLQ inside their transactions: a dead letter of an
-                    # aborted transaction was never really dead-lettered.
-                    "isolation.level": "read_committed",
-                    # EOF tells us a partition is read up to what is visible now (the last
-                    # stable offset), which may be short of the high watermark taken at start.
-                    "enable.partition.eof": True,
-                    "auto.offset.reset": "earliest",
-                },
-            )
+        self.serde = AvroSerde(SchemaStore.load(), DEAD_LETTER)
+        self.consumer = settings.kafka_clients().consumer(
+            GROUP_ID,
+            **{
+                "enable.auto.offset.store": False,
+                # EOF tells us a partition is read up to what is visible now (the last
+                # stable offset), which may be short of the high watermark taken at start.
+                "enable.partition.eof": True,
+            },
         )
 
     def close(self) -> None:
@@ -568,7 +556,7 @@ def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespac
     chosen = replay_selection(reader, args, skipped)
     if isinstance(chosen, int):
         return chosen
-    who = load_identity(settings.identity_dir, settings.identity).spiffe_id
+    who = settings.load_identity().spiffe_id
     selected: list[str] = []
     targets: set[str] = set()
 

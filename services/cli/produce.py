@@ -27,7 +27,7 @@ from services.cli.args import add_delivery_timeout, number, positive
 from services.cli.delivery import Deliveries, Outgoing, deliver
 from services.cli.generate import KINDS, generate_events
 from services.cli.settings import EXIT_FAILURE, EXIT_OK, CliSettings, UsageError
-from services.common.topics import SOURCE_NAME, raw_topic
+from services.common.topology import SOURCE_NAME, raw_topic
 
 PROGRESS_INTERVAL_S = 0.5
 SOURCE_IDENTITY_PREFIX = "source-"

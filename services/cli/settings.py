@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.config import KafkaSettings, describe_settings_error
 
 # 0 done; 1 the work failed (Kafka, identity, decoding, undelivered records); 2 bad settings
 # or usage, nothing was attempted; 3 the thing asked for does not exist (`dlq show ID`).
@@ -29,12 +30,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
-class CliSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
-
-    kafka_bootstrap: str = Field(min_length=1)
-    identity_dir: str = Field(min_length=1)
-    identity: str = "operator-cli"
+class CliSettings(KafkaSettings):
+    identity: str = Field("operator-cli", min_length=1, description="the identity pipectl presents")
 
 
 Settings = TypeVar("Settings", bound=CliSettings)
@@ -98,5 +95,8 @@ def load_settings(kind: type[Settings], **overrides: object) -> Settings:
 
 
 def report_bad_settings(error: ValidationError) -> int:
-    print(f"pipectl: bad settings (source .stack/env after `make up`):\n{error}", file=sys.stderr)
+    print(
+        f"pipectl: bad settings (source .stack/env after `make up`):\n{describe_settings_error(error)}",
+        file=sys.stderr,
+    )
     return EXIT_CONFIG

@@ -15,7 +15,7 @@ from typing import Any
 
 from services.cli.settings import EXIT_FAILURE, EXIT_OK, CliSettings
 from services.cli.topics import topic_offsets
-from services.common.topics import SOURCES_FILE, configured_sources, raw_topic
+from services.common.topology import SOURCES_FILE, configured_sources, raw_topic
 
 TRUST_DOMAIN = "pipeline.local"
 

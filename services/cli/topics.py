@@ -6,17 +6,23 @@ import argparse
 import json
 from typing import Any
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from services.cli.settings import EXIT_FAILURE, EXIT_OK, CliSettings
-from services.common.identity import load_identity
-from services.common.kafka import client_config
-from services.common.topics import RAW_PREFIX, all_topics, configured_sources, source_of
+from services.common.topology import (
+    INGESTER,
+    RAW_PREFIX,
+    all_topics,
+    configured_sources,
+    group_id,
+    operator_group,
+    source_of,
+)
 
 # The group that reads every raw topic (services/ingester): its lag is what the sources
 # have written that the pipeline has not taken in yet.
-INGESTER_GROUP = "pipeline-ingester"
+INGESTER_GROUP = group_id(INGESTER)
 
 
 def raw_topics_of(names: list[str] | set[str], sources: list[str] | None = None) -> list[str]:
@@ -28,9 +34,8 @@ def raw_topics_of(names: list[str] | set[str], sources: list[str] | None = None)
 def topic_offsets(settings: CliSettings) -> list[dict[str, Any]]:
     """Per pipeline topic: partitions and the sum of their end offsets (records ever written);
     for a raw topic also its source and the ingester's lag on it."""
-    identity = load_identity(settings.identity_dir, settings.identity)
-    config = client_config(settings.kafka_bootstrap, identity)
-    consumer = Consumer({**config, "group.id": "pipectl-topics"})
+    clients = settings.kafka_clients()
+    consumer = clients.consumer(operator_group("topics"))
     try:
         metadata = consumer.list_topics(timeout=10)
         raw = raw_topics_of(set(metadata.topics))
@@ -54,7 +59,7 @@ def topic_offsets(settings: CliSettings) -> list[dict[str, Any]]:
     finally:
         consumer.close()
     raw_ends = {t: e for t, e in ends.items() if source_of(t) is not None}
-    lags = ingester_lags(AdminClient(config), raw_ends) if raw_ends else {}
+    lags = ingester_lags(clients.admin(), raw_ends) if raw_ends else {}
     for row in rows:
         source = source_of(row["topic"])
         if source is not None:

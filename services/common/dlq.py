@@ -13,10 +13,8 @@ from confluent_kafka import Message
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.kafka import headers_of
 from services.common.stage import OutputRecord
-from services.common.topics import DLQ, LARGE_RECORD_BYTES
+from services.common.topology import DEAD_LETTER, DLQ, LARGE_RECORD_BYTES
 from services.common.tracing import TRACEPARENT, continue_trace
-
-DEAD_LETTER_SCHEMA = "pipeline.events.DeadLetter"
 
 # The envelope holds the original bytes already; an unbounded message (e.g. an exception
 # text embedding a whole payload) would make it larger still, past the topic's size limit.
@@ -76,7 +74,7 @@ def dead_letter(
     trace_id: str | None = None,
     now: datetime | None = None,
 ) -> dict:
-    """The DeadLetter datum for a failed record, ready for AvroSerde(store, DEAD_LETTER_SCHEMA).encode."""
+    """The DeadLetter datum for a failed record, ready for AvroSerde(store, DEAD_LETTER).encode."""
     if now is None:
         now = datetime.now(UTC)
     value = b"" if value is None else value
@@ -117,7 +115,7 @@ class DeadLetters:
     """Turns a failed Kafka record into its DeadLetter record for pipeline.dlq."""
 
     def __init__(self, store: SchemaStore, stage: str):
-        self.serde = AvroSerde(store, DEAD_LETTER_SCHEMA)
+        self.serde = AvroSerde(store, DEAD_LETTER)
         self.stage = stage
 
     def record(

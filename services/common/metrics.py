@@ -10,14 +10,22 @@ import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.health import kafka_connectivity
-
-RECORDS_IN = Counter("pipeline_records_in_total", "Records consumed", ["stage"])
-RECORDS_OUT = Counter("pipeline_records_out_total", "Records produced, by topic", ["stage", "topic"])
-DEAD_LETTERS = Counter(
-    "pipeline_dead_letters_total", "Records sent to the DLQ, by error class", ["stage", "error_class"]
+from services.common.topology import (
+    CONSUMER_LAG_METRIC,
+    DEAD_LETTERS_METRIC,
+    DUPLICATES_METRIC,
+    FILTERED_METRIC,
+    RECORDS_IN_METRIC,
+    RECORDS_OUT_METRIC,
 )
-FILTERED = Counter("pipeline_filtered_total", "Records dropped by a business rule", ["stage", "reason"])
-DUPLICATES = Counter("pipeline_duplicates_total", "Records dropped as duplicates of an event id", ["stage"])
+
+RECORDS_IN = Counter(RECORDS_IN_METRIC, "Records consumed", ["stage"])
+RECORDS_OUT = Counter(RECORDS_OUT_METRIC, "Records produced, by topic", ["stage", "topic"])
+DEAD_LETTERS = Counter(
+    DEAD_LETTERS_METRIC, "Records sent to the DLQ, by error class", ["stage", "error_class"]
+)
+FILTERED = Counter(FILTERED_METRIC, "Records dropped by a business rule", ["stage", "reason"])
+DUPLICATES = Counter(DUPLICATES_METRIC, "Records dropped as duplicates of an event id", ["stage"])
 BATCH_SIZE = Histogram(
     "pipeline_batch_size",
     "Records per batch",
@@ -31,7 +39,7 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 CONSUMER_LAG = Gauge(
-    "pipeline_consumer_lag", "Records behind the end of the partition", ["group", "topic", "partition"]
+    CONSUMER_LAG_METRIC, "Records behind the end of the partition", ["group", "topic", "partition"]
 )
 DEPENDENCY_UP = Gauge(
     "pipeline_dependency_up",

@@ -8,24 +8,27 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from confluent_kafka import KafkaException, Message
 from pydantic import ValidationError
 
 from services.common.avro import SchemaStore
-from services.common.config import StageSettings
+from services.common.config import StageSettings, describe_settings_error
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters
 from services.common.health import HealthServer, known_kafka_connectivity
 from services.common.identity import IdentityError
-from services.common.kafka import client_config
+from services.common.kafka import KafkaClients
 from services.common.logs import setup_logging
 from services.common.metrics import export_restarts
 from services.common.stage import BatchOutcome, StageConfig, TransactionalStage
+from services.common.topology import STAGE_INPUTS, group_id, instance_id
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 2.0
+Settings = TypeVar("Settings", bound=StageSettings)
 
 
 class Worker(Protocol):
@@ -46,21 +49,13 @@ class Supervised:
     transactional id while OPA is away) starts a fresh one, as a process restart would.
     The uncommitted batch is read again.
 
-    group: the loop's consumer group, whose broker connections readiness follows (its
-    statistics callback, metrics.consumer_lag_callback, reports them); by default the
-    name, as the storage sinks name their groups.
+    Readiness follows the broker connections of the stage's consumer group (its statistics
+    callback, metrics.consumer_lag_callback, reports them).
     """
 
-    def __init__(
-        self,
-        name: str,
-        make: Callable[[], Loop],
-        waiter: DependencyWaiter,
-        stop: asyncio.Event,
-        group: str | None = None,
-    ):
-        self.name, self.make, self.waiter, self.stop = name, make, waiter, stop
-        self.group = group or name
+    def __init__(self, stage: str, make: Callable[[], Loop], waiter: DependencyWaiter, stop: asyncio.Event):
+        self.name, self.make, self.waiter, self.stop = stage, make, waiter, stop
+        self.group = group_id(stage)
         self.current: Loop | None = None
 
     async def run(self) -> None:
@@ -96,51 +91,82 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def run_supervised(
-    settings: StageSettings, loops: list[Supervised], close: Callable[[], Awaitable[None]]
+@dataclass
+class Runtime(Generic[Settings]):
+    """What a service's loops are built from: its settings, the record schemas, the Kafka
+    client profiles of its identity, and the stop signal (SIGTERM/SIGINT)."""
+
+    settings: Settings
+    store: SchemaStore
+    clients: KafkaClients
+    stop: asyncio.Event
+
+    def waiter(self, stage: str, maximum: float = 5.0) -> DependencyWaiter:
+        return DependencyWaiter(stage, self.stop, maximum=maximum)
+
+    def transactional(self, stage: str, worker: Worker, waiter: DependencyWaiter) -> Supervised:
+        """The loop of a Kafka-to-Kafka stage: its input (topology.STAGE_INPUTS) through
+        `worker.transform` into its outputs, in Kafka transactions with the offsets."""
+        config = StageConfig(
+            name=stage,
+            input_topic=STAGE_INPUTS[stage],
+            group_id=group_id(stage),
+            transactional_id=instance_id(stage, self.settings.instance_id),
+            batch_size=self.settings.batch_size,
+            batch_timeout_s=self.settings.batch_timeout_ms / 1000,
+        )
+        return Supervised(
+            stage,
+            lambda: TransactionalStage(config, self.clients, worker.transform, worker.dead_letters.poison, self.stop),
+            waiter,
+            self.stop,
+        )
+
+
+# A service's loops and what to close once they have all stopped.
+Built = tuple[list[Supervised], Callable[[], Awaitable[None]]]
+
+
+def service_main(
+    name: str, settings_type: type[Settings], build: Callable[[Runtime[Settings]], Awaitable[Built]]
 ) -> None:
-    """Run the loops side by side behind one /healthz, /readyz, /metrics server."""
+    """`main` of a service: settings, logs, schemas, identity, then its loops side by side
+    behind one /healthz, /readyz, /metrics server."""
 
-    def ready() -> tuple[bool, str]:
-        states = [loop.ready() for loop in loops]
-        return all(ok for ok, _ in states), "\n".join(why for _, why in states)
+    async def main_async() -> None:
+        settings = settings_type()
+        setup_logging(name, settings.log_level)
+        runtime = Runtime(settings, SchemaStore.load(), settings.kafka_clients(), stop_on_signals())
+        loops, close = await build(runtime)
 
-    health = HealthServer(settings.http_host, settings.http_port, ready)
-    await health.start()
-    try:
-        await asyncio.gather(*(loop.run() for loop in loops))
-    finally:
-        await close()
-        await health.close()
+        def ready() -> tuple[bool, str]:
+            states = [loop.ready() for loop in loops]
+            return all(ok for ok, _ in states), "\n".join(why for _, why in states)
+
+        health = HealthServer(settings.http_host, settings.http_port, ready)
+        await health.start()
+        try:
+            await asyncio.gather(*(loop.run() for loop in loops))
+        finally:
+            await close()
+            await health.close()
+
+    run_main(name, main_async)
 
 
-async def serve(
-    name: str,
-    settings: StageSettings,
-    input_topic: str,
-    build: Callable[[DependencyWaiter], Awaitable[Worker]],
+def stage_main(
+    stage: str,
+    settings_type: type[Settings],
+    worker: Callable[[Settings, DependencyWaiter, SchemaStore], Worker],
 ) -> None:
-    """Run a Kafka-to-Kafka stage (group pipeline-<name>) as a service."""
-    stop = stop_on_signals()
-    waiter = DependencyWaiter(name, stop)
-    worker = await build(waiter)
-    config = StageConfig(
-        name=name,
-        input_topic=input_topic,
-        group_id=f"pipeline-{name}",
-        transactional_id=f"pipeline-{name}-{settings.instance_id}",
-        batch_size=settings.batch_size,
-        batch_timeout_s=settings.batch_timeout_ms / 1000,
-    )
-    kafka = client_config(settings.kafka_bootstrap, settings.load_identity())
-    stage = Supervised(
-        name,
-        lambda: TransactionalStage(config, kafka, worker.transform, worker.dead_letters.poison, stop),
-        waiter,
-        stop,
-        group=config.group_id,
-    )
-    await run_supervised(settings, [stage], worker.close)
+    """`main` of a Kafka-to-Kafka stage service (ingester, processor): one transactional loop."""
+
+    async def build(runtime: Runtime[Settings]) -> Built:
+        waiter = runtime.waiter(stage)
+        stage_worker = worker(runtime.settings, waiter, runtime.store)
+        return [runtime.transactional(stage, stage_worker, waiter)], stage_worker.close
+
+    service_main(stage, settings_type, build)
 
 
 def run_main(name: str, main_async: Callable[[], Awaitable[None]]) -> None:
@@ -149,31 +175,13 @@ def run_main(name: str, main_async: Callable[[], Awaitable[None]]) -> None:
     export_restarts(name)
     try:
         asyncio.run(main_async())
-    except (ValidationError, IdentityError) as e:
+    except ValidationError as e:
+        print(f"{name}: cannot start, bad configuration:\n{describe_settings_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    except IdentityError as e:
         print(f"{name}: cannot start, bad configuration:\n{e}", file=sys.stderr)
         sys.exit(2)
     except Exception:
         log.exception("%s crashed", name)
         logging.shutdown()
         sys.exit(1)
-
-
-def stage_main(
-    name: str,
-    settings_type: type[StageSettings],
-    input_topic: str,
-    worker: Callable[[Any, DependencyWaiter, SchemaStore], Worker],
-) -> None:
-    """`main` of a Kafka-to-Kafka stage service: settings, logs, schemas, then serve()."""
-
-    async def main_async() -> None:
-        settings = settings_type()
-        setup_logging(name, settings.log_level)
-        store = SchemaStore.load()
-
-        async def build(waiter: DependencyWaiter) -> Worker:
-            return worker(settings, waiter, store)
-
-        await serve(name, settings, input_topic, build)
-
-    run_main(name, main_async)

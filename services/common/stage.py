@@ -26,8 +26,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from services.common import metrics
 from services.common.dependencies import Stopping
-from services.common.kafka import consumer_kept_alive, usable
-from services.common.topics import DLQ_RECORD_BYTES
+from services.common.kafka import KafkaClients, consumer_kept_alive, usable
 
 log = logging.getLogger(__name__)
 TRANSACTION_TIMEOUT_S = 30
@@ -81,15 +80,15 @@ class StageConfig:
     input_topic: str
     group_id: str
     transactional_id: str
-    batch_size: int = 2000
-    batch_timeout_s: float = 0.1
+    batch_size: int
+    batch_timeout_s: float
 
 
 class TransactionalStage:
     def __init__(
         self,
         config: StageConfig,
-        kafka: dict[str, Any],
+        clients: KafkaClients,
         transform: Transform,
         poison: Poison,
         stop: asyncio.Event,
@@ -97,11 +96,13 @@ class TransactionalStage:
         consumer: Consumer | None = None,
         producer: Producer | None = None,
     ):
-        """consumer, producer: clients to use instead of building them from `kafka` (tests)."""
+        """consumer, producer: clients to use instead of building them (tests)."""
         self.config, self.transform, self.poison, self.stop = config, transform, poison, stop
-        self.consumer = consumer if consumer is not None else _stage_consumer(config, kafka)
+        self.consumer = consumer if consumer is not None else _stage_consumer(config, clients)
         # Not `producer or ...`: a Producer with nothing queued is falsy (len() counts its queue).
-        self.producer = producer if producer is not None else _stage_producer(config, kafka)
+        self.producer = (
+            producer if producer is not None else clients.transactional_producer(config.transactional_id)
+        )
         self.running = False
         self.assigned: list[TopicPartition] = []
         self._idle = threading.Event()  # no transaction in flight
@@ -269,40 +270,19 @@ class TransactionalStage:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 
 
-def _stage_consumer(config: StageConfig, kafka: dict[str, Any]) -> Consumer:
-    return Consumer(
-        {
-            **kafka,
-            "group.id": config.group_id,
+def _stage_consumer(config: StageConfig, clients: KafkaClients) -> Consumer:
+    return clients.consumer(
+        config.group_id,
+        **{
             # Static membership: a restarted instance takes its partitions back at once
             # instead of waiting out the old member's session (45 s).
             "group.instance.id": config.transactional_id,
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
             "statistics.interval.ms": 5000,
             "stats_cb": metrics.consumer_lag_callback(config.group_id, by_position=True),
             # A pattern subscription (the ingester's pipeline.raw.<source>) sees a new
             # source's topic at the next metadata refresh (default 5 minutes).
             "topic.metadata.refresh.interval.ms": 30_000,
-        }
-    )
-
-
-def _stage_producer(config: StageConfig, kafka: dict[str, Any]) -> Producer:
-    return Producer(
-        {
-            **kafka,
-            "transactional.id": config.transactional_id,
-            # Back-to-back transactions often get "busy, retry" from the coordinator;
-            # librdkafka's 100 ms default backoff then dominates (measured: worst runs
-            # 38k -> 70k records/s with 10 ms).
-            "retry.backoff.ms": 10,
-            "linger.ms": 5,
-            "compression.type": "lz4",
-            "message.max.bytes": DLQ_RECORD_BYTES + 64 * 1024,
-            "queue.buffering.max.messages": 1_000_000,
-        }
+        },
     )
 
 

@@ -26,7 +26,14 @@ from services.common.kafka import headers_of
 from services.common.opa import OpaClient
 from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
-from services.common.topics import EVENT_RECORD_BYTES, RAW_PATTERN, VALIDATED, source_of
+from services.common.topology import (
+    EVENT_RECORD_BYTES,
+    INGEST_POLICY,
+    INGESTER,
+    VALIDATED,
+    VALIDATED_EVENT,
+    source_of,
+)
 from services.common.tracing import TRACEPARENT, continue_trace
 from services.ingester.dedup import Dedup, Seen
 from services.ingester.validation import (
@@ -38,8 +45,6 @@ from services.ingester.validation import (
     validate,
 )
 
-STAGE = "ingester"
-INGEST_POLICY = "pipeline/ingest/decisions"
 EXPIRE_EVERY_S = 600  # how often ids older than the dedup window are forgotten
 
 
@@ -89,11 +94,11 @@ class Ingester:
     def __init__(self, settings: IngesterSettings, waiter: DependencyWaiter, store: SchemaStore):
         self.settings, self.waiter = settings, waiter
         self.limits = settings.limits()
-        self.validated = AvroSerde(store, "pipeline.events.ValidatedEvent")
-        self.version = store.latest("pipeline.events.ValidatedEvent").version
-        self.dead_letters = DeadLetters(store, STAGE)
+        self.validated = AvroSerde(store, VALIDATED_EVENT)
+        self.version = store.latest(VALIDATED_EVENT).version
+        self.dead_letters = DeadLetters(store, INGESTER)
         self.opa = OpaClient(settings.opa_url)
-        self.dedup = Dedup(settings.pg_dsn, timedelta(hours=settings.dedup_window_hours))
+        self.dedup = Dedup(settings.pg_dsn.get_secret_value(), timedelta(hours=settings.dedup_window_hours))
         self.expired_at = time.monotonic()
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:
@@ -208,4 +213,4 @@ class Ingester:
 
 
 def main() -> None:
-    stage_main(STAGE, IngesterSettings, RAW_PATTERN, Ingester)
+    stage_main(INGESTER, IngesterSettings, Ingester)

@@ -49,7 +49,7 @@ from pydantic import (
 )
 
 from services.common.dlq import ErrorClass, FieldError
-from services.common.topics import SOURCE_NAME
+from services.common.topology import SOURCE_NAME
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 # Elasticsearch's _id is "<source>:<event_id>" and at most 512 bytes; PostgreSQL btree keys

@@ -22,12 +22,9 @@ from services.common.kafka import headers_of
 from services.common.opa import OpaClient
 from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
-from services.common.topics import PROCESSED, VALIDATED
+from services.common.topology import PROCESS_POLICY, PROCESSED, PROCESSED_EVENT, PROCESSOR, VALIDATED_EVENT
 from services.common.tracing import TRACEPARENT, continue_trace
 from services.processor.enrichment import User, UserDirectory
-
-STAGE = "processor"
-PROCESS_POLICY = "pipeline/process/decisions"
 
 
 class ProcessorSettings(StageSettings):
@@ -37,12 +34,12 @@ class ProcessorSettings(StageSettings):
 class Processor:
     def __init__(self, settings: ProcessorSettings, waiter: DependencyWaiter, store: SchemaStore):
         self.waiter = waiter
-        self.validated = AvroSerde(store, "pipeline.events.ValidatedEvent")
-        self.processed = AvroSerde(store, "pipeline.events.ProcessedEvent")
-        self.version = store.latest("pipeline.events.ProcessedEvent").version
-        self.dead_letters = DeadLetters(store, STAGE)
+        self.validated = AvroSerde(store, VALIDATED_EVENT)
+        self.processed = AvroSerde(store, PROCESSED_EVENT)
+        self.version = store.latest(PROCESSED_EVENT).version
+        self.dead_letters = DeadLetters(store, PROCESSOR)
         self.opa = OpaClient(settings.opa_url)
-        self.users = UserDirectory(settings.pg_dsn, ttl_s=settings.user_cache_ttl_s)
+        self.users = UserDirectory(settings.pg_dsn.get_secret_value(), ttl_s=settings.user_cache_ttl_s)
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:
         outcome = BatchOutcome()
@@ -151,4 +148,4 @@ def processed_record(event: dict, user: User, version: int, now: datetime) -> di
 
 
 def main() -> None:
-    stage_main(STAGE, ProcessorSettings, VALIDATED, Processor)
+    stage_main(PROCESSOR, ProcessorSettings, Processor)

@@ -1,41 +1,34 @@
 """Storage: pipeline.processed into every store, one sink loop per destination.
 
-Each sink is its own consumer group (storage-postgres, storage-lake, storage-search,
-storage-analytics) with its own offsets, lag and failures, so a slow or broken store never
-holds up the others. `PIPELINE_SINKS` chooses which run here; one process per sink is
-the same code with one name each.
+Each sink is its own stage, storage-<sink>, with its own consumer group, offsets, lag and
+failures, so a slow or broken store never holds up the others. `PIPELINE_SINKS` chooses
+which run here; one process per sink is the same code with one name each.
 """
 
 from __future__ import annotations
 
 from typing import Self
 
-from confluent_kafka import Message, Producer
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
-from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
-from services.common.dlq import DeadLetters, ErrorClass
-from services.common.kafka import client_config, headers_of
-from services.common.logs import setup_logging
 from services.common.opa import OpaClient
-from services.common.service import Supervised, run_main, run_supervised, stop_on_signals
-from services.common.stage import BatchOutcome, OutputRecord, StageConfig, TransactionalStage
-from services.common.topics import ANALYTICS, DLQ_RECORD_BYTES, PROCESSED
-from services.common.tracing import TRACEPARENT, continue_trace
-from services.storage.sink_loop import Sink, SinkLoop, storage_decisions
+from services.common.service import Built, Runtime, Supervised, service_main
+from services.common.topology import SINKS, sink_stage
+from services.storage.analytics import AnalyticsForwarder
+from services.storage.sink_loop import SinkLoop
+from services.storage.sinks.base import Sink
 
-STAGE = "storage"
-ALL_SINKS = ("postgres", "lake", "search", "analytics")
+SERVICE = "storage"
 
 
 class StorageSettings(StageSettings):
-    sinks: str = Field(",".join(ALL_SINKS), description="comma-separated: postgres, lake, search, analytics")
+    sinks: str = Field(",".join(SINKS), description="comma-separated: postgres, lake, search, analytics")
     s3_endpoint: str | None = Field(None, pattern=r"^https?://")
     s3_bucket: str | None = None
     s3_access_key: str | None = None
-    s3_secret_key: str | None = None
+    s3_secret_key: SecretStr | None = None
     es_url: str | None = Field(None, pattern=r"^https?://")
     lake_flush_records: int = Field(50_000, ge=1, description="flush the lake buffer at this many records")
     lake_flush_seconds: float = Field(60.0, gt=0, description="... or when its oldest record is this old")
@@ -46,10 +39,10 @@ class StorageSettings(StageSettings):
 
     @model_validator(mode="after")
     def _sinks_have_their_settings(self) -> Self:
-        unknown = set(self.sink_names) - set(ALL_SINKS)
+        unknown = set(self.sink_names) - set(SINKS)
         if unknown or not self.sink_names:
             raise ValueError(
-                f"PIPELINE_SINKS: unknown or no sinks {sorted(unknown)}; choose from {ALL_SINKS}"
+                f"PIPELINE_SINKS: unknown or no sinks {sorted(unknown)}; choose from {SINKS}"
             )
         needs = {
             "lake": ("s3_endpoint", "s3_bucket", "s3_access_key", "s3_secret_key"),
@@ -69,105 +62,46 @@ def make_sink(name: str, settings: StorageSettings) -> Sink:
     if name == "postgres":
         from services.storage.sinks.postgres import PostgresSink
 
-        return PostgresSink(settings.pg_dsn)
+        return PostgresSink(settings.pg_dsn.get_secret_value())
     if name == "lake":
         from services.storage.sinks.lake import LakeSink
 
-        return LakeSink(
-            settings.s3_endpoint, settings.s3_bucket, settings.s3_access_key, settings.s3_secret_key
-        )  # type: ignore[arg-type]
+        s3 = (settings.s3_endpoint, settings.s3_bucket, settings.s3_access_key, settings.s3_secret_key)
+        assert all(s3), "checked by StorageSettings"
+        endpoint, bucket, access_key, secret_key = s3
+        return LakeSink(endpoint, bucket, access_key, secret_key.get_secret_value())  # type: ignore[arg-type, union-attr]
     from services.storage.sinks.search import SearchSink
 
-    return SearchSink(settings.es_url)  # type: ignore[arg-type]
+    assert settings.es_url, "checked by StorageSettings"
+    return SearchSink(settings.es_url)
 
 
-class AnalyticsTrigger:
-    """pipeline.processed -> pipeline.analytics, in Kafka transactions with the consumed
-    offsets: each event the policy lets through is forwarded as it is (the ProcessedEvent
-    record, unchanged), so downstream jobs consume one committed copy of each."""
-
-    def __init__(self, store: SchemaStore, opa: OpaClient, waiter: DependencyWaiter):
-        self.serde = AvroSerde(store, "pipeline.events.ProcessedEvent")
-        self.dead_letters = DeadLetters(store, "storage-analytics")
-        self.opa, self.waiter = opa, waiter
-
-    async def transform(self, batch: list[Message]) -> BatchOutcome:
-        outcome = BatchOutcome()
-        events = []
-        for message in batch:
-            try:
-                events.append((message, self.serde.decode(message.value() or b"")))
-            except SerdeError as e:
-                outcome.records.append(
-                    self.dead_letters.record(message, ErrorClass.POISON, f"undecodable: {e}")
-                )
-                outcome.dead_letters[ErrorClass.POISON.value] += 1
-        decisions = await self.waiter.call("opa", lambda: storage_decisions(self.opa, [r for _, r in events]))
-        for (message, _), decision in zip(events, decisions, strict=True):
-            if "analytics" not in decision.get("sinks", ()):
-                outcome.filtered["policy"] += 1
-                continue
-            _, traceparent = continue_trace(headers_of(message))
-            outcome.records.append(
-                OutputRecord(ANALYTICS, message.key(), message.value(), [(TRACEPARENT, traceparent)])
-            )
-        return outcome
-
-
-async def main_async() -> None:
-    settings = StorageSettings()
-    setup_logging(STAGE, settings.log_level)
-    store = SchemaStore.load()
-    stop = stop_on_signals()
-    kafka = client_config(settings.kafka_bootstrap, settings.load_identity())
+async def build(runtime: Runtime[StorageSettings]) -> Built:
+    settings, clients, stop = runtime.settings, runtime.clients, runtime.stop
     opa = OpaClient(settings.opa_url)
-    dlq = Producer(
-        {
-            **kafka,
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            "message.max.bytes": DLQ_RECORD_BYTES + 64 * 1024,
-        }
-    )
+    dlq = clients.producer()  # dead letters of the store sinks, which write no Kafka transactions
     loops: list[Supervised] = []
     sinks: list[Sink] = []
     for name in settings.sink_names:
-        stage = f"storage-{name}"
-        waiter = DependencyWaiter(stage, stop, maximum=30.0)
+        stage = sink_stage(name)
+        waiter = runtime.waiter(stage, maximum=30.0)  # per sink: its circuit breaker
         if name == "analytics":
-            trigger = AnalyticsTrigger(store, opa, waiter)
-            config = StageConfig(
-                name=stage, input_topic=PROCESSED, group_id=stage,
-                transactional_id=f"pipeline-storage-analytics-{settings.instance_id}",
-                batch_size=settings.batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000,
-            )  # fmt: skip
-            loops.append(
-                Supervised(
-                    stage,
-                    lambda c=config, t=trigger: TransactionalStage(
-                        c, kafka, t.transform, t.dead_letters.poison, stop
-                    ),
-                    waiter,
-                    stop,
-                )
-            )
+            loops.append(runtime.transactional(stage, AnalyticsForwarder(runtime.store, opa, waiter), waiter))
             continue
         sink = make_sink(name, settings)
         sinks.append(sink)
-        lake = name == "lake"
+        # The lake buffers into large Parquet objects; the other stores take every batch.
         flush = (
             {"flush_records": settings.lake_flush_records, "flush_seconds": settings.lake_flush_seconds}
-            if lake
+            if name == "lake"
             else {}
         )
 
-        # Static membership, as for the stages: a restart takes the partitions back at once.
-        member = {**kafka, "group.instance.id": f"{stage}-{settings.instance_id}"}
-
-        def make(s: Sink = sink, w: DependencyWaiter = waiter, f: dict = flush, k: dict = member) -> SinkLoop:
+        def make(s: Sink = sink, w: DependencyWaiter = waiter, f: dict = flush) -> SinkLoop:
             return SinkLoop(
-                s, kafka=k, store=store, opa=opa, dlq=dlq, stop=stop, waiter=w,
-                batch_size=settings.batch_size, batch_timeout_s=settings.batch_timeout_ms / 1000, **f,
+                s, clients=clients, instance=settings.instance_id, store=runtime.store, opa=opa,
+                dlq=dlq, stop=stop, waiter=w, batch_size=settings.batch_size,
+                batch_timeout_s=settings.batch_timeout_ms / 1000, **f,
             )  # fmt: skip
 
         loops.append(Supervised(stage, make, waiter, stop))
@@ -178,8 +112,8 @@ async def main_async() -> None:
         await opa.close()
         dlq.flush(30)
 
-    await run_supervised(settings, loops, close)
+    return loops, close
 
 
 def main() -> None:
-    run_main(STAGE, main_async)
+    service_main(SERVICE, StorageSettings, build)

@@ -20,47 +20,21 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from services.common import metrics
 from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.dependencies import DependencyWaiter, Stopping
 from services.common.dlq import DeadLetters, ErrorClass
-from services.common.kafka import consumer_kept_alive, usable
+from services.common.kafka import KafkaClients, consumer_kept_alive, usable
 from services.common.opa import OpaClient
-from services.common.topics import PROCESSED
+from services.common.topology import PROCESSED, PROCESSED_EVENT, group_id, instance_id, sink_stage
+from services.storage.policy import storage_decisions
+from services.storage.sinks.base import Refused, Sink, StoredEvent, Write
 
 log = logging.getLogger(__name__)
-STORAGE_POLICY = "pipeline/storage/decisions"
-
-
-@dataclass
-class StoredEvent:
-    message: Message
-    record: dict[str, Any]  # the decoded ProcessedEvent
-    redact_for_search: tuple[str, ...] = ()  # property keys the search index must not receive
-
-
-Refused = list[tuple[StoredEvent, str]]  # events a store refused for good, with the reason
-Write = Callable[[list[StoredEvent]], Awaitable[Refused]]
-
-
-class Sink(Protocol):
-    name: str  # postgres, lake, search
-    dependency: str  # what the loop waits for when writes fail: postgres, s3, elasticsearch
-
-    async def write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
-        """Store the events idempotently; return those refused for good, with the reason.
-        Raise DependencyUnavailable when the store cannot be reached (the loop retries);
-        anything else raised is taken as caused by some record (write_isolating)."""
-        ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass
@@ -79,38 +53,39 @@ class SinkLoop:
         self,
         sink: Sink,
         *,
-        kafka: dict[str, Any],
+        clients: KafkaClients,
+        instance: str,
         store: SchemaStore,
         opa: OpaClient,
         dlq: Producer,
         stop: asyncio.Event,
         waiter: DependencyWaiter,
-        batch_size: int = 2000,
-        batch_timeout_s: float = 0.1,
+        batch_size: int,
+        batch_timeout_s: float,
         flush_records: int = 1,
         flush_seconds: float = 0.0,
         consumer: Consumer | None = None,
     ):
-        """consumer: a client to use instead of building one from `kafka` (tests)."""
+        """instance: this process's instance id (its static group membership).
+        consumer: a client to use instead of building one (tests)."""
         self.sink, self.opa, self.dlq, self.stop = sink, opa, dlq, stop
-        self.stage = f"storage-{sink.name}"
-        self.serde = AvroSerde(store, "pipeline.events.ProcessedEvent")
+        self.stage = sink_stage(sink.name)
+        self.serde = AvroSerde(store, PROCESSED_EVENT)
         self.dead_letters = DeadLetters(store, self.stage)
         self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
         self.batch_size, self.batch_timeout_s = batch_size, batch_timeout_s
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
-        self.consumer = consumer or Consumer(
-            {
-                **kafka,
-                "group.id": self.stage,
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
+        group = group_id(self.stage)
+        self.consumer = consumer or clients.consumer(
+            group,
+            **{
+                # Static membership, as for the stages: a restart takes the partitions back at once.
+                "group.instance.id": instance_id(self.stage, instance),
                 # A store may be away for long: stay in the group while we wait for it.
                 "max.poll.interval.ms": 3_600_000,
                 "statistics.interval.ms": 5000,
-                "stats_cb": metrics.consumer_lag_callback(self.stage),
-            }
+                "stats_cb": metrics.consumer_lag_callback(group),
+            },
         )
         self.running = False
         self._revoked: set[tuple[str, int]] = set()
@@ -119,7 +94,7 @@ class SinkLoop:
         self.consumer.subscribe([PROCESSED], on_revoke=self._on_revoke)
         self.running = True
         buffer = Buffer()
-        log.info("sink running", extra={"sink": self.sink.name, "group": self.stage})
+        log.info("sink running", extra={"sink": self.sink.name, "stage": self.stage})
         try:
             while not self.stop.is_set():
                 messages = await asyncio.to_thread(
@@ -167,10 +142,10 @@ class SinkLoop:
             self._count(buffer, allowed, refused, time.monotonic() - started)
         return Buffer()
 
-    async def _write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+    async def _write(self, events: list[StoredEvent]) -> Refused:
         """The sink's write, waiting out its store; the refused events with the reason."""
 
-        async def write_once(part: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        async def write_once(part: list[StoredEvent]) -> Refused:
             # DependencyUnavailable is retried inside (the circuit breaker); Stopping leaves
             # the batch uncommitted. Neither is about a record.
             return await self.waiter.call(self.sink.dependency, lambda: self.sink.write(part))
@@ -231,7 +206,7 @@ class SinkLoop:
         self,
         buffer: Buffer,
         allowed: list[StoredEvent],
-        refused: list[tuple[StoredEvent, str]],
+        refused: Refused,
         seconds: float,
     ) -> None:
         stage = self.stage
@@ -284,19 +259,3 @@ async def _isolate(sink: str, write: Write, events: list[StoredEvent], error: Ex
         except Exception as e:
             refused += await _isolate(sink, write, half, e)
     return refused
-
-
-async def storage_decisions(opa: OpaClient, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The storage policy's verdict per ProcessedEvent (which sinks, what to redact), asked
-    once per distinct (type, source, property names)."""
-    cases = [(r["type"], r["source"], property_keys(r)) for r in records]
-    return await opa.decide_distinct(STORAGE_POLICY, ("type", "source", "property_keys"), cases)
-
-
-def property_keys(record: dict[str, Any]) -> tuple[str, ...]:
-    """Top-level property names, for the policy's redaction rules (properties is JSON text)."""
-    try:
-        properties = orjson.loads(record["properties"])
-    except (ValueError, TypeError):  # not JSON (orjson.JSONDecodeError is a ValueError)
-        return ()
-    return tuple(sorted(properties)) if isinstance(properties, dict) else ()

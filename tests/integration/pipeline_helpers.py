@@ -14,7 +14,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from deploy.local.stack import Stack
 from services.cli.generate import GeneratedEvent
 from services.common.avro import AvroSerde, SchemaStore
-from services.common.topics import raw_topic
+from services.common.topology import raw_topic
 from tests.integration.kafka_helpers import QUIET
 
 T = TypeVar("T")

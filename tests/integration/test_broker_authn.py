@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient
 
 from deploy.local import devca
 from deploy.local.stack import Stack
-from services.common.topics import raw_topic
+from services.common.topology import raw_topic
 from tests.integration.kafka_helpers import QUIET, produce_one
 
 WEB_ID = "spiffe://pipeline.local/source/web"

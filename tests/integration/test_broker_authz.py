@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from deploy.local.stack import Stack
-from services.common.topics import VALIDATED, TopicSpec, configured_sources, raw_topic
+from services.common.topology import VALIDATED, TopicSpec, configured_sources, raw_topic
 from tests.integration.kafka_helpers import create_topic, eventually, produce_one, read_value
 
 WEB = "source-web"

@@ -10,7 +10,7 @@ from confluent_kafka import Producer
 
 from deploy.local.stack import Stack
 from services.common.avro import SerdeError
-from services.common.topics import VALIDATED
+from services.common.topology import VALIDATED
 from tests.integration.kafka_helpers import QUIET, eventually
 from tests.integration.pipeline_helpers import DLQ_SERDE, TopicReader, metric, produce_all, produce_events
 from tests.integration.stores import pg_rows

@@ -13,7 +13,7 @@ import orjson
 from confluent_kafka import Producer
 
 from deploy.local.stack import Stack
-from services.common.topics import raw_topic
+from services.common.topology import raw_topic
 from tests.integration.kafka_helpers import QUIET, eventually
 from tests.integration.pipeline_helpers import produce_all
 from tests.integration.stores import lake_rows, pg_rows, search_docs

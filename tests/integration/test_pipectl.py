@@ -11,8 +11,16 @@ import pytest
 
 from deploy.local.stack import Stack
 from services.common.avro import AvroSerde, SchemaStore
-from services.common.dlq import DEAD_LETTER_SCHEMA, ErrorClass, FieldError, dead_letter
-from services.common.topics import AUDIT, DLQ, all_topics, configured_sources, raw_topic, source_of
+from services.common.dlq import ErrorClass, FieldError, dead_letter
+from services.common.topology import (
+    AUDIT,
+    DEAD_LETTER,
+    DLQ,
+    all_topics,
+    configured_sources,
+    raw_topic,
+    source_of,
+)
 from tests.integration.cli import pipectl
 from tests.integration.kafka_helpers import produce_one, read_value
 from tests.integration.kafka_read import end_offsets, produce_at, read_record
@@ -59,7 +67,7 @@ def test_missing_setting_exits_2_naming_it(stack: Stack) -> None:
     env = {k: v for k, v in stack.env().items() if k != "PIPELINE_KAFKA_BOOTSTRAP"}
     result = pipectl(env, "topics")
     assert result.returncode == 2
-    assert "kafka_bootstrap" in result.stderr
+    assert "PIPELINE_KAFKA_BOOTSTRAP" in result.stderr
 
 
 # ---- produce ------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def test_produce_as_an_identity_that_may_not_write_fails_with_exit_1(stack: Stac
 
 # ---- dlq ----------------------------------------------------------------------------------
 
-DLQ_SERDE = AvroSerde(SchemaStore.load(), DEAD_LETTER_SCHEMA)
+DLQ_SERDE = AvroSerde(SchemaStore.load(), DEAD_LETTER)
 
 
 def write_dead_letters(stack: Stack, letters: list[dict]) -> list[str]:

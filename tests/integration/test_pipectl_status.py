@@ -10,7 +10,7 @@ from typing import Any
 
 from deploy.local.stack import Stack
 from services.cli.status import GROUPS
-from services.common.topics import configured_sources, raw_topic
+from services.common.topology import configured_sources, raw_topic
 from tests.integration.cli import pipectl
 
 COMPONENTS = {"ingester", "processor", "storage", "opa", "postgres", "kafka", "s3", "elasticsearch"}
@@ -113,8 +113,8 @@ def test_status_counts_move_when_events_flow(stack: Stack) -> None:
     after = wait_status(stack, moved, "the 200 events in offsets, counters, DLQ and every store")
     assert all(is_count(g["lag"]) for g in after["consumer_groups"])
     assert group(after, "pipeline-processor")["end"] > group(before, "pipeline-processor")["end"]
-    assert group(after, "storage-postgres")["committed"] > (
-        group(before, "storage-postgres")["committed"] or 0
+    assert group(after, "pipeline-storage-postgres")["committed"] > (
+        group(before, "pipeline-storage-postgres")["committed"] or 0
     )
 
 

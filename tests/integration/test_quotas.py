@@ -12,7 +12,7 @@ from deploy.local import devca
 from deploy.local.stack import Stack
 from services.common.identity import load_identity
 from services.common.kafka import client_config
-from services.common.topics import raw_topic, raw_topic_spec
+from services.common.topology import raw_topic, raw_topic_spec
 from tests.integration.kafka_helpers import QUIET
 
 BURST = 64

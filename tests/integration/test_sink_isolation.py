@@ -15,7 +15,7 @@ import orjson
 
 from deploy.local.stack import Stack
 from services.common.avro import SerdeError
-from services.common.topics import PROCESSED
+from services.common.topology import PROCESSED
 from tests.integration.kafka_helpers import eventually
 from tests.integration.kafka_read import produce_at
 from tests.integration.pipeline_helpers import DLQ_SERDE, PROCESSED_SERDE, TopicReader

@@ -10,7 +10,7 @@ import asyncpg
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from deploy.local.stack import Stack
-from services.common.topics import (
+from services.common.topology import (
     AUDIT,
     DLQ,
     DLQ_RECORD_BYTES,

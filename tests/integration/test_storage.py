@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from deploy.local.stack import Stack
+from services.common.topology import group_id, sink_stage
 from tests.integration.kafka_helpers import eventually
 from tests.integration.pipeline_helpers import (
     PROCESSED_SERDE,
@@ -152,7 +153,8 @@ def test_a_stopped_store_holds_up_only_its_own_sink(stack: Stack, store: str, se
     try:
         others = tuple(s for s in STORES if s != store)
         wait_stored(stack, ids, others)
-        eventually(lambda: consumer_lag(stack, f"storage-{store}") > 0, 60, f"storage-{store} lag reported")
+        group = group_id(sink_stage(store))
+        eventually(lambda: consumer_lag(stack, group) > 0, 60, f"{group} lag reported")
     finally:
         getattr(stack, server).start()
     wait_stored(stack, ids, (store,), timeout=240)

@@ -85,7 +85,7 @@ def test_missing_settings_exit_2_naming_them(
 ) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "kafka_bootstrap" in err and "identity_dir" in err
+    assert "PIPELINE_KAFKA_BOOTSTRAP" in err and "PIPELINE_IDENTITY_DIR" in err
 
 
 @pytest.mark.parametrize(

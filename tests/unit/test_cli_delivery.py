@@ -71,8 +71,7 @@ class FakeProducer:
 
 @pytest.fixture
 def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliSettings:
-    monkeypatch.setattr(delivery, "Producer", FakeProducer)
-    monkeypatch.setattr(delivery, "producer_config", lambda settings, timeout_s, **config: config)
+    monkeypatch.setattr(delivery, "cli_producer", lambda settings, timeout_s, **config: FakeProducer(config))
     return CliSettings(kafka_bootstrap="127.0.0.1:9", identity_dir=str(tmp_path))
 
 

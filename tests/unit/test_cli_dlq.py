@@ -30,14 +30,15 @@ from services.cli.dlq import (
 )
 from services.cli.settings import UsageError
 from services.common.avro import AvroSerde, SchemaStore
-from services.common.dlq import DEAD_LETTER_SCHEMA, ErrorClass, FieldError, dead_letter
+from services.common.dlq import ErrorClass, FieldError, dead_letter
+from services.common.topology import DEAD_LETTER
 
 NOW = datetime(2026, 11, 26, 14, 3, 7, 123000, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
 def serde() -> AvroSerde:
-    return AvroSerde(SchemaStore.load(), DEAD_LETTER_SCHEMA)
+    return AvroSerde(SchemaStore.load(), DEAD_LETTER)
 
 
 class FakeMessage:
@@ -106,7 +107,7 @@ def test_a_dead_letter_decodes_to_an_entry(serde: AvroSerde) -> None:
 
 @pytest.mark.parametrize("payload", [None, b"", b"not avro at all", b"\xc3\x01" + b"\x00" * 8 + b"junk"])
 def test_undecodable_records_become_entries_with_the_reason(payload: bytes | None) -> None:
-    serde = AvroSerde(SchemaStore.load(), DEAD_LETTER_SCHEMA)
+    serde = AvroSerde(SchemaStore.load(), DEAD_LETTER)
     entry = decode(serde, FakeMessage(payload, ts_ms=1_764_165_787_000))
     assert entry.datum is None and entry.error
     assert entry.error_class == UNDECODABLE and entry.stage == UNDECODABLE

@@ -56,7 +56,7 @@ def test_export_lines_are_parsed_not_executed(tmp_path: Path) -> None:
 
 def test_settings_come_from_the_file_and_say_so(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     loaded = load_settings(CliSettings)
-    assert (loaded.kafka_bootstrap, loaded.identity_dir) == ("127.0.0.1:9", str(repo / "ids"))
+    assert (loaded.kafka_bootstrap, loaded.identity_dir) == ("127.0.0.1:9", repo / "ids")
     assert str(repo / ".stack" / "env") in capsys.readouterr().err
     assert load_settings(CliSettings, identity="source-web").identity == "source-web"  # a flag wins
 
@@ -76,7 +76,7 @@ def test_explicit_environment_wins_and_the_file_is_then_ignored(
     # Half of the file's settings are not mixed in: the missing one is named instead.
     assert main(["topics"]) == 2
     err = capsys.readouterr().err
-    assert "kafka_bootstrap" in err and "using" not in err
+    assert "PIPELINE_KAFKA_BOOTSTRAP" in err and "using" not in err
 
 
 def test_pipectl_runs_on_the_files_settings(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -482,7 +482,7 @@ def test_missing_setting_exits_2_naming_it(
     monkeypatch.setenv("PIPELINE_ES_URL", "elastic:9200")  # no scheme
     assert main(["status"]) == 2
     err = capsys.readouterr().err
-    assert "storage_url" in err and "es_url" in err
+    assert "PIPELINE_STORAGE_URL" in err and "PIPELINE_ES_URL" in err
 
 
 @pytest.mark.parametrize(

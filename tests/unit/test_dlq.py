@@ -8,7 +8,6 @@ import pytest
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dlq import (
-    DEAD_LETTER_SCHEMA,
     MAX_MESSAGE_CHARS,
     MAX_ORIGINAL_BYTES,
     SERVICE_VERSION,
@@ -16,7 +15,7 @@ from services.common.dlq import (
     FieldError,
     dead_letter,
 )
-from services.common.topics import DLQ_RECORD_BYTES
+from services.common.topology import DEAD_LETTER, DLQ_RECORD_BYTES
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, 10000, tzinfo=UTC)  # whole milliseconds, as the schema keeps
 
@@ -39,7 +38,7 @@ def envelope(**overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def serde() -> AvroSerde:
-    return AvroSerde(SchemaStore.load(), DEAD_LETTER_SCHEMA)
+    return AvroSerde(SchemaStore.load(), DEAD_LETTER)
 
 
 def test_envelope_fields() -> None:

@@ -26,8 +26,8 @@ from services.common.avro import AvroSerde, SchemaStore
 from services.ingester.validation import RawEvent, Rejection, validate
 from services.processor.enrichment import UNKNOWN
 from services.processor.service import processed_record
-from services.storage.sink_loop import StoredEvent
 from services.storage.sinks import lake, postgres, search
+from services.storage.sinks.base import StoredEvent
 
 NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
 PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent")

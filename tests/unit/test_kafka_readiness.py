@@ -13,6 +13,7 @@ from services.common import health, metrics
 from services.common.dependencies import DependencyWaiter
 from services.common.health import KafkaConnectivity
 from services.common.service import Supervised
+from services.common.topology import group_id
 
 
 class Clock:
@@ -82,11 +83,12 @@ class FakeLoop:
 
 
 def test_supervised_loop_is_not_ready_naming_kafka_when_no_broker_is_up() -> None:
-    group = f"pipeline-{uuid.uuid4().hex[:8]}"
+    stage = f"test-{uuid.uuid4().hex[:8]}"
+    group = group_id(stage)
     stop = asyncio.Event()
-    loop = Supervised("ingester", FakeLoop, DependencyWaiter("ingester", stop), stop, group=group)
+    loop = Supervised(stage, FakeLoop, DependencyWaiter(stage, stop), stop)
     loop.current = FakeLoop()
-    assert loop.ready() == (True, "ingester: ready")  # no consumer statistics here: nothing to say
+    assert loop.ready() == (True, f"{stage}: ready")  # no consumer statistics here: nothing to say
     clock = Clock()
     tracker = health.kafka_connectivity(group)
     tracker.clock, tracker.last_up = clock, clock.now
@@ -95,10 +97,10 @@ def test_supervised_loop_is_not_ready_naming_kafka_when_no_broker_is_up() -> Non
     ok, why = loop.ready()
     assert not ok
     assert (
-        why == "ingester: waiting for kafka: no Kafka broker connection UP for 30s (127.0.0.1:19092/1 DOWN)"
+        why == f"{stage}: waiting for kafka: no Kafka broker connection UP for 30s (127.0.0.1:19092/1 DOWN)"
     )
     tracker.on_stats(stats(**{"127.0.0.1:19092/1": "UP"}))
-    assert loop.ready() == (True, "ingester: ready")
+    assert loop.ready() == (True, f"{stage}: ready")
 
 
 def test_restarts_are_exported_from_the_supervisors_setting() -> None:

@@ -20,8 +20,10 @@ from elasticsearch import ApiError
 
 from services.common.dependencies import DependencyUnavailable, Stopping
 from services.common.postgres import Database, Verdict, classify
-from services.storage.sink_loop import StoredEvent, property_keys, write_isolating
+from services.storage.policy import property_keys
+from services.storage.sink_loop import write_isolating
 from services.storage.sinks import lake, postgres, search
+from services.storage.sinks.base import StoredEvent
 
 WHEN = datetime(2026, 11, 26, 14, 3, 7, tzinfo=UTC)
 

@@ -14,10 +14,10 @@ from confluent_kafka import KafkaError, KafkaException
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dependencies import DependencyUnavailable, DependencyWaiter
-from services.common.dlq import DEAD_LETTER_SCHEMA
-from services.common.topics import DLQ, PROCESSED
+from services.common.topology import DEAD_LETTER, DLQ, PROCESSED
 from services.storage import sink_loop
-from services.storage.sink_loop import SinkLoop, StoredEvent
+from services.storage.sink_loop import SinkLoop
+from services.storage.sinks.base import StoredEvent
 from tests.unit.fakes import (
     FakeClock,
     FakeConsumer,
@@ -31,7 +31,7 @@ from tests.unit.fakes import (
 
 STORE = SchemaStore.load()
 PROCESSED_SERDE = AvroSerde(STORE, "pipeline.events.ProcessedEvent")
-DEAD_LETTER_SERDE = AvroSerde(STORE, DEAD_LETTER_SCHEMA)
+DEAD_LETTER_SERDE = AvroSerde(STORE, DEAD_LETTER)
 WHEN = datetime(2026, 11, 26, 14, 3, 7, tzinfo=UTC)
 
 
@@ -120,8 +120,9 @@ class Run:
                 before_consume=self.before_consume, commit_error=self.commit_error,
             )  # fmt: skip
             self.loop = SinkLoop(
-                self.sink, kafka={}, store=STORE, opa=self.opa, dlq=self.dlq, stop=stop,  # type: ignore[arg-type]
+                self.sink, clients=None, instance="test", store=STORE, opa=self.opa, dlq=self.dlq, stop=stop,  # type: ignore[arg-type]
                 waiter=DependencyWaiter(f"test-{uuid.uuid4().hex[:8]}", stop), batch_size=self.batch_size,
+                batch_timeout_s=0.1,
                 flush_records=self.flush_records, flush_seconds=self.flush_seconds,
                 consumer=self.consumer,  # type: ignore[arg-type]
             )  # fmt: skip

@@ -67,9 +67,9 @@ class Run:
             self.consumer = FakeConsumer(
                 self.log, drained=stop_when_drained(stop), before_consume=self.before_consume
             )
-            config = StageConfig(self.name, IN, "group", "txn", batch_size=self.batch_size)
+            config = StageConfig(self.name, IN, "group", "txn", self.batch_size, 0.1)
             stage = TransactionalStage(
-                config, {}, self._transform, poison, stop,
+                config, None, self._transform, poison, stop,
                 consumer=self.consumer, producer=self.producer,  # type: ignore[arg-type]
             )  # fmt: skip
             if self.idle is not None:

@@ -107,7 +107,7 @@ def test_a_transactional_call_that_outlives_its_timeout_exits_the_process(monkey
 
     monkeypatch.setattr(stage_module.os, "_exit", exit_)
     stage = object.__new__(stage_module.TransactionalStage)
-    stage.config = stage_module.StageConfig("ingester", "in", "group", "txn")
+    stage.config = stage_module.StageConfig("ingester", "in", "group", "txn", 10, 0.1)
 
     def wedged(timeout: float) -> None:
         release.wait(5)

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from services.storage.policy import property_keys
 from services.storage.service import StorageSettings
-from services.storage.sink_loop import StoredEvent, property_keys
 from services.storage.sinks import lake, search
+from services.storage.sinks.base import StoredEvent
 
 WHEN = datetime(2026, 11, 26, 14, 3, 7, 123456, tzinfo=UTC)
 

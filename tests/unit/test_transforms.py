@@ -14,9 +14,8 @@ import pytest
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dependencies import DependencyWaiter
-from services.common.dlq import DEAD_LETTER_SCHEMA
 from services.common.stage import BatchOutcome
-from services.common.topics import DLQ, PROCESSED, VALIDATED, raw_topic
+from services.common.topology import DEAD_LETTER, DLQ, PROCESSED, VALIDATED, raw_topic
 from services.common.tracing import TRACEPARENT
 from services.ingester.dedup import Position, Seen
 from services.ingester.service import Ingester, IngesterSettings
@@ -25,7 +24,7 @@ from services.processor.service import Processor, ProcessorSettings
 from tests.unit.fakes import FakeMessage, FakeOpa
 
 STORE = SchemaStore.load()
-DEAD_LETTER_SERDE = AvroSerde(STORE, DEAD_LETTER_SCHEMA)
+DEAD_LETTER_SERDE = AvroSerde(STORE, DEAD_LETTER)
 VALIDATED_SERDE = AvroSerde(STORE, "pipeline.events.ValidatedEvent")
 PROCESSED_SERDE = AvroSerde(STORE, "pipeline.events.ProcessedEvent")
 SETTINGS: dict[str, Any] = {

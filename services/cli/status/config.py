@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 
 from services.cli.settings import CliSettings
-from services.common.topics import PROCESSED, RAW_PREFIX, VALIDATED
+from services.common.topology import INGESTER, RAW_PREFIX, STAGE_INPUTS, STAGES, group_id, operator_group
 
 # A component that has not answered in this long is reported as down: status must answer
 # fast precisely when something is broken.
@@ -17,7 +17,7 @@ DATA_TIMEOUT_S = 10.0
 # above it the few transaction markers among the offsets are noise, and reading would cost.
 COUNT_LAG_UP_TO = 1000
 COUNT_TIMEOUT_S = 3.0
-COUNT_GROUP = "pipectl-status"  # the operator may READ only pipectl-* groups
+COUNT_GROUP = operator_group("status")
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WATCH_S = 5.0
 
@@ -25,12 +25,9 @@ SERVICES = ("ingester", "processor", "storage")
 # The ingester reads every source's raw topic (a pattern subscription): its lag is the sum
 # over them, shown per topic with -v. RAW_TOPICS stands for them wherever a topic is named.
 RAW_TOPICS = RAW_PREFIX + "*"
-# Each consumer group and the topic it reads. The stages are `pipeline-<stage>`
-# (services/common/service.py); storage runs one group per sink (services/storage/service.py).
-GROUPS: tuple[tuple[str, str], ...] = (
-    ("pipeline-ingester", RAW_TOPICS),
-    ("pipeline-processor", VALIDATED),
-    *((f"storage-{sink}", PROCESSED) for sink in ("postgres", "lake", "search", "analytics")),
+# Each stage's consumer group and the topic it reads (services/common/topology.py).
+GROUPS: tuple[tuple[str, str], ...] = tuple(
+    (group_id(stage), RAW_TOPICS if stage == INGESTER else STAGE_INPUTS[stage]) for stage in STAGES
 )
 LAKE_PREFIX = "events/"  # the lake sink's object keys: events/date=.../hour=.../part-....parquet
 SEARCH_INDICES = "events-*"  # the search sink's monthly indices: events-YYYY.MM

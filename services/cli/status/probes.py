@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 from confluent_kafka import (
-    Consumer,
     ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaError,
@@ -44,9 +43,8 @@ from services.cli.status.config import (
 from services.cli.status.lag import GroupLag, PartitionLag, apply_counts, gaps_to_count
 from services.cli.status.rates import Sample, parse_stage_counters
 from services.cli.status.report import Check, DlqTotals, StoreCount
-from services.common.identity import load_identity
-from services.common.kafka import client_config
-from services.common.topics import all_topics, source_of
+from services.common.kafka import KafkaClients
+from services.common.topology import all_topics, source_of
 
 T = TypeVar("T")
 
@@ -237,28 +235,24 @@ def read_s3(settings: StatusSettings) -> tuple[Check, StoreCount]:
 
 
 @dataclass
-class KafkaClient:
-    config: dict[str, Any]  # the operator's client settings, for the consumer count_readable uses
+class KafkaCheck:
+    clients: KafkaClients  # the operator's, for the consumer count_readable uses
+    quiet: dict[str, Any]  # the settings that keep a failing check short and silent
     admin: AdminClient
     metadata: ClusterMetadata
 
 
-def kafka_metadata(settings: StatusSettings) -> KafkaClient:
+def kafka_metadata(settings: StatusSettings) -> KafkaCheck:
     """A metadata request as the operator identity: Kafka's health check. Raises on failure."""
-    identity = load_identity(settings.identity_dir, settings.identity)
+    clients = settings.kafka_clients()
     # log_level 0: a broker that is down is reported once in the output, not as a stream
     # of librdkafka connection errors on stderr.
-    config = client_config(
-        settings.kafka_bootstrap,
-        identity,
-        log_level=0,
-        **{"socket.connection.setup.timeout.ms": int(CHECK_TIMEOUT_S * 1000)},
-    )
-    admin = AdminClient(config)
+    quiet = {"log_level": 0, "socket.connection.setup.timeout.ms": int(CHECK_TIMEOUT_S * 1000)}
+    admin = clients.admin(**quiet)
     metadata = admin.list_topics(timeout=CHECK_TIMEOUT_S)
     if not metadata.brokers:
         raise RuntimeError("metadata lists no broker")
-    return KafkaClient(config, admin, metadata)
+    return KafkaCheck(clients, quiet, admin, metadata)
 
 
 def kafka_check(metadata: ClusterMetadata) -> Check:
@@ -282,7 +276,7 @@ def kafka_check(metadata: ClusterMetadata) -> Check:
     return Check("kafka", True, f"{brokers} broker(s), {len(specs)} pipeline topics", {"brokers": brokers})
 
 
-def read_group_lags(kafka: KafkaClient, deadline: float) -> list[GroupLag]:
+def read_group_lags(kafka: KafkaCheck, deadline: float) -> list[GroupLag]:
     """Committed offsets of every group, and its topic's log start and end, per partition.
 
     Committed offsets come from the admin API's OffsetFetch, which needs only DESCRIBE on the
@@ -351,12 +345,12 @@ def read_group_lags(kafka: KafkaClient, deadline: float) -> list[GroupLag]:
     if gaps:
         # Best effort: whatever is not counted in time keeps its offset arithmetic.
         with contextlib.suppress(KafkaException):
-            apply_counts(lags, count_readable(kafka.config, gaps, deadline))
+            apply_counts(lags, count_readable(kafka, gaps, deadline))
     return lags
 
 
 def count_readable(
-    config: dict[str, Any], gaps: dict[tuple[str, int], tuple[int, int]], deadline: float
+    kafka: KafkaCheck, gaps: dict[tuple[str, int], tuple[int, int]], deadline: float
 ) -> dict[tuple[str, int], list[int]]:
     """Offsets of the records a read_committed consumer gets from each partition's range.
 
@@ -367,15 +361,13 @@ def count_readable(
     the operator may use is needed by the client, not by the broker. Returns only
     partitions read to their end before the deadline.
     """
-    consumer = Consumer(
-        {
-            **config,
-            "group.id": COUNT_GROUP,
-            "enable.auto.commit": False,
+    consumer = kafka.clients.consumer(
+        COUNT_GROUP,
+        **kafka.quiet,
+        **{
             "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",
             "enable.partition.eof": True,  # the end of what is readable now: the gap is read
-        }
+        },
     )
     found: dict[tuple[str, int], list[int]] = {key: [] for key in gaps}
     unfinished = {key: end for key, (_, end) in gaps.items()}

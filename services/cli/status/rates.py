@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-RECORDS_IN = "pipeline_records_in_total"
-RECORDS_OUT = "pipeline_records_out_total"
+from services.common.topology import RECORDS_IN_METRIC, RECORDS_OUT_METRIC
 
 
 @dataclass
@@ -54,10 +53,10 @@ def parse_stage_counters(text: str) -> dict[str, StageCounters]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             stage = sample.labels.get("stage")
-            if stage is None or sample.name not in (RECORDS_IN, RECORDS_OUT):
+            if stage is None or sample.name not in (RECORDS_IN_METRIC, RECORDS_OUT_METRIC):
                 continue
             counters = stages.setdefault(stage, StageCounters())
-            if sample.name == RECORDS_IN:
+            if sample.name == RECORDS_IN_METRIC:
                 counters.records_in += sample.value
             else:
                 topic = sample.labels.get("topic", "")

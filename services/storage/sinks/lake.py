@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from services.common.dependencies import DependencyUnavailable
-from services.storage.sink_loop import StoredEvent
+from services.storage.sinks.base import StoredEvent
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema(

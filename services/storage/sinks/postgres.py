@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncpg
 
 from services.common.postgres import Database, Verdict, classify
-from services.storage.sink_loop import StoredEvent
+from services.storage.sinks.base import StoredEvent
 
 COLUMNS = (
     "id", "type", "timestamp", "user_id", "user_name", "user_tier", "user_known", "properties",

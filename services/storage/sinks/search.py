@@ -30,7 +30,7 @@ import orjson
 from elasticsearch import ApiError, AsyncElasticsearch, SerializationError, TransportError
 
 from services.common.dependencies import DependencyUnavailable
-from services.storage.sink_loop import StoredEvent
+from services.storage.sinks.base import StoredEvent
 
 log = logging.getLogger(__name__)
 TEMPLATE_NAME = "pipeline-events"

@@ -1,4 +1,11 @@
-"""The pipeline's topics and their settings: the one place they are defined."""
+"""The pipeline's topology: the one place that names its topics (and their settings), stages,
+consumer groups, transactional ids, sinks, record schemas and policy decision paths.
+
+Names follow one scheme: a stage is `ingester`, `processor` or `storage-<sink>`; its consumer
+group is `pipeline-<stage>`; each instance's transactional id and static group member id is
+`pipeline-<stage>-<instance>`. The broker's authorization (opa/data.json) grants each service
+identity exactly these names, and the operator's tools use groups named `pipectl-*` only.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,68 @@ DLQ = "pipeline.dlq"
 ANALYTICS = "pipeline.analytics"
 # Who did what to the pipeline's data (pipectl dlq replay): one JSON record per command.
 AUDIT = "pipeline.audit"
+
+# ---- stages, groups, transactional ids -------------------------------------------------
+
+INGESTER = "ingester"
+PROCESSOR = "processor"
+# Storage runs one loop per sink, each a stage of its own (own group, offsets and lag).
+SINKS = ("postgres", "lake", "search", "analytics")
+GROUP_PREFIX = "pipeline-"
+# The operator identity may read only groups with this prefix (pipectl's own readers).
+OPERATOR_GROUP_PREFIX = "pipectl-"
+
+
+def sink_stage(sink: str) -> str:
+    return f"storage-{sink}"
+
+
+STORAGE_STAGES = tuple(sink_stage(s) for s in SINKS)
+STAGES = (INGESTER, PROCESSOR, *STORAGE_STAGES)
+
+
+def group_id(stage: str) -> str:
+    return GROUP_PREFIX + stage
+
+
+def instance_id(stage: str, instance: str) -> str:
+    """One instance's transactional id, and its static consumer group member id."""
+    return f"{GROUP_PREFIX}{stage}-{instance}"
+
+
+def operator_group(purpose: str) -> str:
+    return OPERATOR_GROUP_PREFIX + purpose
+
+
+# What each stage reads (the ingester: every raw topic, by pattern).
+STAGE_INPUTS: dict[str, str] = {
+    INGESTER: RAW_PATTERN,
+    PROCESSOR: VALIDATED,
+    **dict.fromkeys(STORAGE_STAGES, PROCESSED),
+}
+
+# ---- records and policies -------------------------------------------------------------
+
+VALIDATED_EVENT = "pipeline.events.ValidatedEvent"
+PROCESSED_EVENT = "pipeline.events.ProcessedEvent"
+DEAD_LETTER = "pipeline.events.DeadLetter"
+# OPA decision paths of the message-level policies (opa/pipeline/*.rego).
+INGEST_POLICY = "pipeline/ingest/decisions"
+PROCESS_POLICY = "pipeline/process/decisions"
+STORAGE_POLICY = "pipeline/storage/decisions"
+
+# ---- metrics that other programs read ----------------------------------------------------
+# Exported by every service (services/common/metrics.py, where the rest are defined too);
+# read by pipectl status, the demo and the benchmarks. Labels: stage, and topic (out),
+# error_class (dead letters), reason (filtered); the lag gauge: group, topic, partition.
+RECORDS_IN_METRIC = "pipeline_records_in_total"
+RECORDS_OUT_METRIC = "pipeline_records_out_total"
+DEAD_LETTERS_METRIC = "pipeline_dead_letters_total"
+FILTERED_METRIC = "pipeline_filtered_total"
+DUPLICATES_METRIC = "pipeline_duplicates_total"
+CONSUMER_LAG_METRIC = "pipeline_consumer_lag"
+
+# ---- topic settings -------------------------------------------------------------------
 
 DEFAULT_PARTITIONS = 6
 # Raw and DLQ accept records up to 8 MiB so an oversized event reaches the ingester and is

@@ -1,0 +1,52 @@
+"""The analytics sink: pipeline.processed -> pipeline.analytics, in Kafka transactions with
+the consumed offsets (a TransactionalStage, unlike the store sinks): each event the storage
+policy lets through is forwarded as it is (the ProcessedEvent record, unchanged), so
+downstream jobs consume one committed copy of each."""
+
+from __future__ import annotations
+
+from confluent_kafka import Message
+
+from services.common.avro import AvroSerde, SchemaStore, SerdeError
+from services.common.dependencies import DependencyWaiter
+from services.common.dlq import DeadLetters, ErrorClass
+from services.common.kafka import headers_of
+from services.common.opa import OpaClient
+from services.common.stage import BatchOutcome, OutputRecord
+from services.common.topology import ANALYTICS, PROCESSED_EVENT, sink_stage
+from services.common.tracing import TRACEPARENT, continue_trace
+from services.storage.policy import storage_decisions
+
+SINK = "analytics"
+
+
+class AnalyticsForwarder:
+    def __init__(self, store: SchemaStore, opa: OpaClient, waiter: DependencyWaiter):
+        self.serde = AvroSerde(store, PROCESSED_EVENT)
+        self.dead_letters = DeadLetters(store, sink_stage(SINK))
+        self.opa, self.waiter = opa, waiter
+
+    async def transform(self, batch: list[Message]) -> BatchOutcome:
+        outcome = BatchOutcome()
+        events = []
+        for message in batch:
+            try:
+                events.append((message, self.serde.decode(message.value() or b"")))
+            except SerdeError as e:
+                outcome.records.append(
+                    self.dead_letters.record(message, ErrorClass.POISON, f"undecodable: {e}")
+                )
+                outcome.dead_letters[ErrorClass.POISON.value] += 1
+        decisions = await self.waiter.call("opa", lambda: storage_decisions(self.opa, [r for _, r in events]))
+        for (message, _), decision in zip(events, decisions, strict=True):
+            if SINK not in decision.get("sinks", ()):
+                outcome.filtered["policy"] += 1
+                continue
+            _, traceparent = continue_trace(headers_of(message))
+            outcome.records.append(
+                OutputRecord(ANALYTICS, message.key(), message.value(), [(TRACEPARENT, traceparent)])
+            )
+        return outcome
+
+    async def close(self) -> None:
+        """Nothing of its own: the OPA client is storage's, closed with the service."""
