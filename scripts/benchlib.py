@@ -1,5 +1,6 @@
 """What the benchmarks share (scripts/bench.py, scripts/bench_stages.py): a stack of their own,
-a fast producer, reading the services' Prometheus metrics, CPU seconds from /proc, tables.
+a fast producer, reading the services' Prometheus metrics, CPU seconds of process trees and
+of the machine from /proc, tables.
 
 Benchmarks measure; they never assert on timings.
 """
@@ -7,12 +8,13 @@ Benchmarks measure; they never assert on timings.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,23 +74,92 @@ def exit_on_signals() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of one process (its threads included; not its children)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK
+@dataclass(frozen=True)
+class ProcStat:
+    """The CPU fields of one process's /proc/<pid>/stat, in seconds."""
+
+    pid: int
+    ppid: int
+    own: float  # utime + stime: all its threads, running and exited
+    reaped: float  # cutime + cstime: the children it has waited for, with what they had reaped
 
 
-def busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (all cores, all processes) since boot:
-    the difference over a window, divided by its length, is the cores in use meanwhile."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK
+def parse_stat(text: str) -> ProcStat:
+    """One /proc/<pid>/stat line. The command name is in parentheses and may hold spaces and
+    parentheses itself, so the fields are counted from its last closing parenthesis."""
+    pid = int(text.split(" (", 1)[0])
+    fields = text.rsplit(")", 1)[1].split()
+    return ProcStat(
+        pid=pid,
+        ppid=int(fields[1]),
+        own=(int(fields[11]) + int(fields[12])) / CLK,
+        reaped=(int(fields[13]) + int(fields[14])) / CLK,
+    )
+
+
+def process_table() -> dict[int, ProcStat]:
+    """Every process on the machine now (zombies included), by pid."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = parse_stat((entry / "stat").read_text())
+            except (OSError, ValueError, IndexError):  # exited while we looked
+                continue
+            procs[stat.pid] = stat
+    return procs
+
+
+def tree_cpu_seconds(root: int | None, procs: Mapping[int, ProcStat] | None = None) -> float:
+    """CPU seconds used so far by process `root` and everything it started: the own time of
+    the root and of each descendant still in /proc, plus the reaped time of each of them.
+
+    Each exited descendant counts exactly once: the kernel adds a child's own and reaped time
+    to its parent's reaped time when the parent waits for it, and only then does the child
+    leave /proc (a zombie still shows its own time and is counted as a live one). A child
+    reaped by a live descendant is in that descendant's reaped time, not the root's. Lost: an
+    orphan re-parented outside the tree, a child whose parent ignores SIGCHLD (reaped without
+    a wait), and (rarely) a child reaped between reading it and reading its parent.
+    `procs`: one process_table() to read several trees at one instant.
+    """
+    if root is None:
+        return 0.0
+    procs = process_table() if procs is None else procs
+    if root not in procs:
+        return 0.0
+    children: dict[int, list[int]] = {}
+    for stat in procs.values():
+        children.setdefault(stat.ppid, []).append(stat.pid)
+    total, todo = 0.0, [root]
+    while todo:
+        stat = procs[todo.pop()]
+        total += stat.own + stat.reaped
+        todo.extend(children.get(stat.pid, ()))
+    return total
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads (not its children)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# The columns of /proc/stat's "cpu" line that we read (guest time is already in user).
+CPU_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_cpu_seconds() -> dict[str, float]:
+    """The whole machine's CPU seconds since boot (all cores, all processes and the kernel), by
+    kind (user, system, softirq, steal, ...)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return {kind: int(value) / CLK for kind, value in zip(CPU_KINDS, fields, strict=False)}
+
+
+def busy_seconds(cpu: Mapping[str, float] | None = None) -> float:
+    """CPU seconds the whole machine has been busy since boot (of machine_cpu_seconds()): the
+    difference over a window, divided by its length, is the cores in use meanwhile."""
+    cpu = machine_cpu_seconds() if cpu is None else cpu
+    return sum(v for kind, v in cpu.items() if kind not in ("idle", "iowait"))
 
 
 def machine() -> dict[str, Any]:
@@ -230,9 +301,14 @@ def metric(stack: Stack, service: str, name: str, **labels: str) -> float:
 # ---- output ----------------------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table: the first column left-aligned, the others right-aligned."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
+    """A plain text table: the first column left-aligned, the others right-aligned; or the same
+    as a Markdown table (the README's)."""
     cells = [[str(h) for h in headers], *[[_cell(c) for c in row] for row in rows]]
+    if markdown:
+        return "\n".join(
+            "| " + " | ".join(row) + " |" for row in [cells[0], ["---"] * len(headers), *cells[1:]]
+        )
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
