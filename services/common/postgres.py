@@ -39,7 +39,7 @@ connections.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Any
@@ -83,8 +83,14 @@ def classify(error: BaseException) -> Verdict | None:
 
 
 class Database:
-    def __init__(self, dsn: str, max_size: int = 2):
-        self.dsn, self.max_size = dsn, max_size
+    def __init__(
+        self,
+        dsn: str,
+        max_size: int = 2,
+        init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    ):
+        """init: run on each new connection (e.g. to set type codecs)."""
+        self.dsn, self.max_size, self.init = dsn, max_size, init
         self._pool: asyncpg.Pool | None = None
 
     @asynccontextmanager
@@ -93,7 +99,9 @@ class Database:
         docstring) leaves it as DependencyUnavailable("postgres")."""
         try:
             if self._pool is None:
-                self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.max_size)
+                self._pool = await asyncpg.create_pool(
+                    self.dsn, min_size=1, max_size=self.max_size, init=self.init
+                )
             async with self._pool.acquire() as conn:
                 yield conn
         except Exception as e:

@@ -78,6 +78,9 @@ DEAD_LETTER = "pipeline.events.DeadLetter"
 INGEST_POLICY = "pipeline/ingest/decisions"
 PROCESS_POLICY = "pipeline/process/decisions"
 STORAGE_POLICY = "pipeline/storage/decisions"
+# A pipeline.processed record's storage policy input (type, source, property keys) as JSON,
+# written by the processor so the storage sinks need not decode the value to ask the policy.
+POLICY_INPUT_HEADER = "pipeline-storage-policy-input"
 
 # ---- metrics that other programs read ----------------------------------------------------
 # Exported by every service (services/common/metrics.py, where the rest are defined too);

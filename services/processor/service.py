@@ -20,6 +20,7 @@ from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass
 from services.common.kafka import headers_of
 from services.common.opa import OpaClient
+from services.common.policy_input import policy_header
 from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
 from services.common.topology import PROCESS_POLICY, PROCESSED, PROCESSED_EVENT, PROCESSOR, VALIDATED_EVENT
@@ -70,9 +71,9 @@ class Processor:
             if value is None:
                 continue
             _, traceparent = continue_trace(headers_of(message))
-            outcome.records.append(
-                OutputRecord(PROCESSED, record["user_id"].encode(), value, [(TRACEPARENT, traceparent)])
-            )
+            # The storage policy's input rides along, so the sinks can ask it without decoding.
+            headers = [(TRACEPARENT, traceparent), policy_header(record)]
+            outcome.records.append(OutputRecord(PROCESSED, record["user_id"].encode(), value, headers))
         return outcome
 
     async def _rules(self, events: list[tuple[Message, dict]], users: dict[str, User]) -> list[dict]:

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
+from confluent_kafka import Message
 
 from services.common.opa import OpaClient
+from services.common.policy_input import POLICY_FIELDS, PolicyCase, case_from_headers, case_of
 from services.common.topology import STORAGE_POLICY
 
 
-async def storage_decisions(opa: OpaClient, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The policy's verdict per ProcessedEvent ({"sinks": [...], "redact_for_search": [...]}),
-    asked once per distinct (type, source, property names)."""
-    cases = [(r["type"], r["source"], property_keys(r)) for r in records]
-    return await opa.decide_distinct(STORAGE_POLICY, ("type", "source", "property_keys"), cases)
+async def storage_decisions(opa: OpaClient, cases: list[PolicyCase]) -> list[dict[str, Any]]:
+    """The policy's verdict per case ({"sinks": [...], "redact_for_search": [...]}), asked
+    once per distinct case."""
+    return await opa.decide_distinct(STORAGE_POLICY, POLICY_FIELDS, cases)
 
 
-def property_keys(record: dict[str, Any]) -> tuple[str, ...]:
-    """Top-level property names, for the policy's redaction rules (properties is JSON text)."""
-    try:
-        properties = orjson.loads(record["properties"])
-    except (ValueError, TypeError):  # not JSON (orjson.JSONDecodeError is a ValueError)
-        return ()
-    return tuple(sorted(properties)) if isinstance(properties, dict) else ()
+def policy_case(message: Message, record: dict[str, Any]) -> PolicyCase:
+    """A decoded record's policy input: from its header when it has one, else from the value."""
+    return case_from_headers(message) or case_of(record)

@@ -30,6 +30,11 @@ class StorageSettings(StageSettings):
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
     es_url: str | None = Field(None, pattern=r"^https?://")
+    es_refresh_interval: str = Field(
+        "5s",
+        pattern=r"^(-1|[0-9]+(ms|s|m|h))$",
+        description="refresh_interval of new search indices: how soon documents become searchable",
+    )
     lake_flush_records: int = Field(50_000, ge=1, description="flush the lake buffer at this many records")
     lake_flush_seconds: float = Field(60.0, gt=0, description="... or when its oldest record is this old")
 
@@ -73,7 +78,7 @@ def make_sink(name: str, settings: StorageSettings) -> Sink:
     from services.storage.sinks.search import SearchSink
 
     assert settings.es_url, "checked by StorageSettings"
-    return SearchSink(settings.es_url)
+    return SearchSink(settings.es_url, refresh_interval=settings.es_refresh_interval)
 
 
 async def build(runtime: Runtime[StorageSettings]) -> Built:

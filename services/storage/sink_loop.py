@@ -31,7 +31,7 @@ from services.common.dlq import DeadLetters, ErrorClass
 from services.common.kafka import KafkaClients, consumer_kept_alive, usable
 from services.common.opa import OpaClient
 from services.common.topology import PROCESSED, PROCESSED_EVENT, group_id, instance_id, sink_stage
-from services.storage.policy import storage_decisions
+from services.storage.policy import policy_case, storage_decisions
 from services.storage.sinks.base import Refused, Sink, StoredEvent, Write
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class SinkLoop:
         consumer: a client to use instead of building one (tests)."""
         self.sink, self.opa, self.dlq, self.stop = sink, opa, dlq, stop
         self.stage = sink_stage(sink.name)
-        self.serde = AvroSerde(store, PROCESSED_EVENT)
+        self.serde = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
         self.dead_letters = DeadLetters(store, self.stage)
         self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
         self.batch_size, self.batch_timeout_s = batch_size, batch_timeout_s
@@ -155,7 +155,7 @@ class SinkLoop:
     async def _allowed(self, events: list[StoredEvent]) -> list[StoredEvent]:
         """Ask the storage policy (once per distinct case) which events this sink may get,
         and which of their properties it must not see."""
-        decisions = await storage_decisions(self.opa, [e.record for e in events])
+        decisions = await storage_decisions(self.opa, [policy_case(e.message, e.record) for e in events])
         allowed = []
         for event, decision in zip(events, decisions, strict=True):
             if self.sink.name in decision.get("sinks", ()):

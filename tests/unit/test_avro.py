@@ -6,9 +6,11 @@ import json
 import random
 import re
 import shutil
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 
+import fastavro
 import pytest
 from fastavro.schema import to_parsing_canonical_form
 
@@ -19,6 +21,8 @@ from services.common.avro import (
     AvroSerde,
     SchemaStore,
     SerdeError,
+    from_micros,
+    micros,
     parse_schema,
     schema_fingerprint,
 )
@@ -391,6 +395,95 @@ def test_fuzz_never_raises_anything_but_serde_error(store: SchemaStore, name: st
     assert decoded < len(candidates)  # garbage is refused, not just passed through
 
 
+# --- timestamps as integers ---------------------------------------------------------------
+
+EDGE_INSTANTS = [
+    datetime(1, 1, 1, tzinfo=UTC),  # the earliest a datetime holds (validation allows it)
+    datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+    datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # negative epoch, not a whole second
+    datetime(1970, 1, 1, tzinfo=UTC),
+    datetime(2000, 1, 1, tzinfo=UTC),  # PostgreSQL's epoch
+    datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    T1,
+    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # the latest
+]
+TIMESTAMP_FIELDS = ("timestamp", "received_at", "ingested_at", "processed_at")
+
+
+def raw_processed(store: SchemaStore, **longs: int) -> bytes:
+    """A ProcessedEvent payload whose timestamp fields hold these longs, in range or not."""
+    raw = raw_schema(PROCESSED)
+    for f in raw["fields"]:
+        if f["name"] in TIMESTAMP_FIELDS:
+            f["type"] = "long"
+    buf = BytesIO(MARKER + store.latest(PROCESSED).fingerprint)
+    buf.seek(0, 2)
+    fastavro.schemaless_writer(
+        buf, parse_schema(raw), processed_event("Ada") | dict.fromkeys(TIMESTAMP_FIELDS, 0) | longs
+    )
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("when", EDGE_INSTANTS, ids=str)
+def test_timestamps_as_micros_are_the_same_instants_as_the_datetimes(
+    store: SchemaStore, when: datetime
+) -> None:
+    as_datetimes = AvroSerde(store, PROCESSED)
+    as_micros = AvroSerde(store, PROCESSED, timestamps_as_micros=True)
+    millis = when - timedelta(microseconds=when.microsecond % 1000)  # received_at is timestamp-millis
+    payload = as_datetimes.encode(
+        processed_event("Ada")
+        | {"timestamp": when, "ingested_at": when, "processed_at": when, "received_at": millis}
+    )
+    datetimes, integers = as_datetimes.decode(payload), as_micros.decode(payload)
+    for field in TIMESTAMP_FIELDS:
+        assert type(integers[field]) is int
+        assert from_micros(integers[field]) == datetimes[field], field
+        assert integers[field] == micros(datetimes[field])
+    assert integers["received_at"] == micros(millis)  # scaled from the writer's milliseconds
+    assert {k: v for k, v in integers.items() if k not in TIMESTAMP_FIELDS} == {
+        k: v for k, v in datetimes.items() if k not in TIMESTAMP_FIELDS
+    }
+
+
+@pytest.mark.parametrize(
+    "longs",
+    [
+        {"timestamp": micros(datetime(1, 1, 1, tzinfo=UTC)) - 1},
+        {"timestamp": micros(datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)) + 1},
+        {"processed_at": 2**63 - 1},
+        {"ingested_at": -(2**63)},
+        {"received_at": micros(datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)) // 1000 + 1},
+    ],
+    ids=str,
+)
+def test_timestamps_a_datetime_cannot_hold_are_refused_either_way(store: SchemaStore, longs: dict) -> None:
+    payload = raw_processed(store, **longs)
+    with pytest.raises(SerdeError):
+        AvroSerde(store, PROCESSED).decode(payload)
+    with pytest.raises(SerdeError, match="out of range"):
+        AvroSerde(store, PROCESSED, timestamps_as_micros=True).decode(payload)
+
+
+def test_the_last_millisecond_a_datetime_holds_is_accepted(store: SchemaStore) -> None:
+    last_ms = micros(datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)) // 1000
+    payload = raw_processed(store, received_at=last_ms)
+    assert (
+        AvroSerde(store, PROCESSED, timestamps_as_micros=True).decode(payload)["received_at"]
+        == last_ms * 1000
+    )
+
+
+def test_check_header_refuses_what_decode_refuses_at_the_header(store: SchemaStore) -> None:
+    serde = AvroSerde(store, PROCESSED)
+    serde.check_header(serde.encode(processed_event("Ada")))
+    serde.check_header(MARKER + store.latest(PROCESSED).fingerprint + b"not read")  # the datum is not checked
+    validated = AvroSerde(store, VALIDATED).encode(validated_event())
+    for bad, match in [(b"junk", "shorter"), (b"{" * 20, "not Avro"), (validated, "expected a")]:
+        with pytest.raises(SerdeError, match=match):
+            serde.check_header(bad)
+
+
 # --- evolution -----------------------------------------------------------------------------
 
 
@@ -424,3 +517,18 @@ def test_unresolvable_writer_is_a_serde_error(tmp_path: Path, store: SchemaStore
     old_payload = AvroSerde(store, VALIDATED).encode(validated_event())
     with pytest.raises(SerdeError, match=re.escape(f"cannot resolve {VALIDATED} v1 to {VALIDATED} v2")):
         AvroSerde(SchemaStore.load(directory), VALIDATED).decode(old_payload)
+
+
+def test_timestamps_as_micros_scale_each_writer_versions_own_unit(tmp_path: Path, store: SchemaStore) -> None:
+    # A v2 that makes received_at timestamp-micros (and adds a field: logical types are not
+    # in the fingerprint): v1 records still mean milliseconds there.
+    directory = copy_schemas(tmp_path)
+    v2 = raw_schema(PROCESSED)
+    for f in v2["fields"]:
+        if f["name"] == "received_at":
+            f["type"] = {"type": "long", "logicalType": "timestamp-micros"}
+    v2["fields"].append({"name": "tenant", "type": ["null", "string"], "default": None})
+    write_schema(directory, PROCESSED, 2, v2)
+    new_serde = AvroSerde(SchemaStore.load(directory), PROCESSED, timestamps_as_micros=True)
+    old_payload = AvroSerde(store, PROCESSED).encode(processed_event("Ada"))
+    assert new_serde.decode(old_payload)["received_at"] == micros(T0)

@@ -5,7 +5,8 @@ values that break stores (NUL, lone surrogates, NaN, 1e400, 2**64, deep nesting,
 strings, repeated keys, calendar edges) at validate(). It must never raise; an event it
 accepts must become a ValidatedEvent the way the ingester makes one (properties re-serialised
 by orjson, the timestamp in UTC) and survive an Avro round trip, the processor's record and
-each sink's row, Parquet file and document building, stay storable in PostgreSQL
+each sink's row, Parquet file and document building (from the record decoded with integer
+timestamps, and its policy input from the processor's header as from the value), stay storable in PostgreSQL
 text/jsonb (no NUL) and fit Elasticsearch's _id, at a size in proportion to the raw bytes.
 """
 
@@ -22,7 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.common.avro import AvroSerde, SchemaStore
+from services.common.avro import AvroSerde, SchemaStore, micros
+from services.common.policy_input import case_from_headers, case_of, policy_header
 from services.ingester.validation import RawEvent, Rejection, validate
 from services.processor.enrichment import UNKNOWN
 from services.processor.service import processed_record
@@ -31,6 +33,7 @@ from services.storage.sinks.base import StoredEvent
 
 NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
 PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent")
+SINK_PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent", timestamps_as_micros=True)
 # database=None: no .hypothesis/ directory in the working tree.
 EXAMPLES = settings(
     max_examples=300,
@@ -89,22 +92,33 @@ def survive(value: bytes, serde: AvroSerde) -> None:
 def through_the_stores(validated: dict[str, Any]) -> None:
     """What the processor and each sink build from an accepted event: no exception."""
     record = processed_record(validated, UNKNOWN, PROCESSED.writer.version, NOW)
-    record = PROCESSED.decode(PROCESSED.encode(record))
-    event = StoredEvent(FakeMessage(), record)
-    pq.read_table(io.BytesIO(lake._parquet([event], NOW)))  # the lake's Parquet, read back
-    doc = search.document(record, ("email",), NOW.isoformat())
+    value = PROCESSED.encode(record)
+    header = policy_header(record)
+    record = SINK_PROCESSED.decode(value)
+    event = StoredEvent(FakeMessage([header]), record)
+    assert case_from_headers(event.message) == case_of(record)  # the header says what the value says
+    pq.read_table(io.BytesIO(lake._parquet([event], micros(NOW))))  # the lake's Parquet, read back
+    doc = search.document(record, ("email",), micros(NOW) // 1000)
     assert len(search.document_id(record).encode()) <= 512
-    orjson.dumps(doc)  # the bulk body
-    row = tuple(record[c] for c in postgres.COLUMNS)  # COPY's input
+    refused, items = search.SearchSink("http://unused:9200").bulk_items([event], micros(NOW) // 1000)
+    assert len(refused) + len(items) == 1  # a bulk body, or refused with a reason
+    assert len(doc) == len(search.MAPPINGS["properties"])
+    [row] = postgres.rows([event])  # COPY's input
     assert len(row) == len(postgres.COLUMNS)
 
 
 class FakeMessage:
+    def __init__(self, headers: list[tuple[str, bytes]]):
+        self._headers = headers
+
     def partition(self) -> int:
         return 3
 
     def offset(self) -> int:
         return 42
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self._headers
 
 
 # ---- arbitrary bytes and JSON-shaped token soup -----------------------------------------

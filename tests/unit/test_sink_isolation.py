@@ -18,14 +18,15 @@ from botocore.exceptions import ClientError
 from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
 from elasticsearch import ApiError
 
+from services.common.avro import micros
 from services.common.dependencies import DependencyUnavailable, Stopping
+from services.common.policy_input import property_keys
 from services.common.postgres import Database, Verdict, classify
-from services.storage.policy import property_keys
 from services.storage.sink_loop import write_isolating
 from services.storage.sinks import lake, postgres, search
 from services.storage.sinks.base import StoredEvent
 
-WHEN = datetime(2026, 11, 26, 14, 3, 7, tzinfo=UTC)
+WHEN = micros(datetime(2026, 11, 26, 14, 3, 7, tzinfo=UTC))  # as the sinks get timestamps
 
 
 def event(event_id: str, offset: int = 0, partition: int = 0, **changes: object) -> StoredEvent:
@@ -261,7 +262,9 @@ class FakeElasticsearch:
     async def _noop(self, **kwargs: Any) -> None:
         return None
 
-    async def bulk(self, *, operations: list[dict[str, Any]], refresh: bool) -> dict[str, Any]:
+    async def bulk(self, *, operations: bytes, refresh: bool, filter_path: str) -> dict[str, Any]:
+        assert isinstance(operations, bytes) and operations.endswith(b"\n")  # NDJSON, built by the sink
+        operations = [orjson.loads(line) for line in operations.splitlines()]  # type: ignore[assignment]
         self.requests.append(len(operations) // 2)
         actions = operations[::2]
         assert all(set(a) == {"create"} for a in actions)  # never overwrite: create only

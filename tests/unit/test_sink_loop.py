@@ -14,7 +14,8 @@ from confluent_kafka import KafkaError, KafkaException
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dependencies import DependencyUnavailable, DependencyWaiter
-from services.common.topology import DEAD_LETTER, DLQ, PROCESSED
+from services.common.policy_input import policy_header
+from services.common.topology import DEAD_LETTER, DLQ, POLICY_INPUT_HEADER, PROCESSED
 from services.storage import sink_loop
 from services.storage.sink_loop import SinkLoop
 from services.storage.sinks.base import StoredEvent
@@ -206,6 +207,40 @@ def test_events_the_policy_keeps_from_this_sink_are_counted_as_filtered() -> Non
     ]]  # fmt: skip
     assert run.consumer.commits == [[(PROCESSED, 0, 2)]]
     assert run.count("pipeline_filtered_total", reason="policy") == 1
+
+
+def test_the_policy_is_asked_with_the_header_when_a_record_has_one() -> None:
+    # The header decides (the processor wrote it with the value); one that does not parse
+    # leaves the question to the value.
+    heartbeat_header = policy_header({"type": "heartbeat", "source": "web", "properties": "{}"})
+    log = [
+        FakeMessage(PROCESSED, 0, 0, processed("a"), headers=[heartbeat_header]),
+        FakeMessage(PROCESSED, 0, 1, processed("b"), headers=[(POLICY_INPUT_HEADER, b"not json")]),
+    ]
+    run = Run({(PROCESSED, 0): log}, batch_size=2)
+    run.run()
+    assert run.sink.writes == [["b"]]
+    assert run.opa.asked == [[
+        {"type": "heartbeat", "source": "web", "property_keys": ()},
+        {"type": "signup", "source": "web", "property_keys": ("plan",)},
+    ]]  # fmt: skip
+    assert run.count("pipeline_filtered_total", reason="policy") == 1
+
+
+def test_the_sink_gets_timestamps_as_integer_microseconds() -> None:
+    run = Run({(PROCESSED, 0): records(0, "a")})
+    seen: list[StoredEvent] = []
+    write = run.sink.write
+
+    async def keep(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        seen.extend(events)
+        return await write(events)
+
+    run.sink.write = keep  # type: ignore[method-assign]
+    run.run()
+    [event] = seen
+    assert event.record["timestamp"] == int(WHEN.timestamp()) * 1_000_000
+    assert event.record["received_at"] == event.record["timestamp"]  # timestamp-millis, scaled to µs
 
 
 def test_a_revoked_partition_is_dropped_from_the_buffer() -> None:

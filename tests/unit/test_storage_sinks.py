@@ -11,20 +11,22 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from services.storage.policy import property_keys
+from services.common.avro import micros
+from services.common.policy_input import property_keys
 from services.storage.service import StorageSettings
 from services.storage.sinks import lake, search
 from services.storage.sinks.base import StoredEvent
 
 WHEN = datetime(2026, 11, 26, 14, 3, 7, 123456, tzinfo=UTC)
+WHEN_US = micros(WHEN)  # the sinks get timestamps as integer microseconds
 
 
 def processed(event_id: str, **changes: object) -> dict:
     record = {
-        "id": event_id, "type": "signup", "timestamp": WHEN, "user_id": "u00001", "user_name": "Sample User 1",
+        "id": event_id, "type": "signup", "timestamp": WHEN_US, "user_id": "u00001", "user_name": "Sample User 1",
         "user_tier": "pro", "user_known": True, "properties": orjson.dumps({"email": "a@b.c", "plan": "pro"}).decode(),
-        "source": "web", "day_of_week": "Thursday", "hour": 14, "version": 1, "received_at": WHEN,
-        "ingested_at": WHEN, "processed_at": WHEN,
+        "source": "web", "day_of_week": "Thursday", "hour": 14, "version": 1, "received_at": WHEN_US,
+        "ingested_at": WHEN_US, "processed_at": WHEN_US,
     }  # fmt: skip
     record.update(changes)
     return record
@@ -42,24 +44,48 @@ def test_object_key_is_hive_partitioned_and_named_by_first_offset() -> None:
 
 def test_parquet_rows_keep_every_column_and_the_kafka_position() -> None:
     events = [stored("a", 2, 10), stored("b", 2, 11, user_name=None, user_known=False)]
-    table = pq.read_table(io.BytesIO(lake._parquet(events, WHEN)))
+    table = pq.read_table(io.BytesIO(lake._parquet(events, WHEN_US)))
     rows = table.to_pylist()
     assert [r["id"] for r in rows] == ["a", "b"]
     assert rows[1]["user_name"] is None and rows[1]["user_known"] is False
-    assert rows[0]["timestamp"] == WHEN
+    assert rows[0]["timestamp"] == WHEN and rows[0]["stored_at"] == WHEN
     assert orjson.loads(rows[0]["properties"]) == {"email": "a@b.c", "plan": "pro"}
     assert [(r["kafka_partition"], r["kafka_offset"]) for r in rows] == [(2, 10), (2, 11)]
 
 
 def test_search_document_drops_redacted_properties_only() -> None:
-    doc = search.document(processed("a"), ("email",), WHEN.isoformat())
+    doc = search.document(processed("a"), ("email",), WHEN_US // 1000)
     assert doc["properties"] == {"plan": "pro"}
-    assert doc["id"] == "a" and doc["user_tier"] == "pro" and doc["stored_at"] == WHEN.isoformat()
+    assert doc["id"] == "a" and doc["user_tier"] == "pro"
     assert set(doc) == set(search.MAPPINGS["properties"])  # every field mapped, none extra (dynamic: strict)
 
 
-def test_monthly_index_by_event_time() -> None:
-    assert search.index_name("events", processed("a")) == "events-2026.11"
+def test_search_dates_are_epoch_milliseconds_of_the_same_instant() -> None:
+    # What the `date` mapping keeps of an ISO string with microseconds: its millisecond, floored.
+    doc = search.document(processed("a"), (), WHEN_US // 1000)
+    millis = int(WHEN.timestamp()) * 1000 + WHEN.microsecond // 1000
+    assert [doc[f] for f in ("timestamp", "received_at", "ingested_at", "processed_at", "stored_at")] == [
+        millis
+    ] * 5
+    before_1970 = search.document(processed("a", timestamp=-1), (), 0)
+    assert before_1970["timestamp"] == -1  # 1969-12-31T23:59:59.999999Z is in the millisecond -1
+
+
+@pytest.mark.parametrize(
+    ("when", "index"),
+    [
+        (WHEN, "events-2026.11"),
+        (datetime(1, 1, 1, tzinfo=UTC), "events-1.01"),  # strftime, as ever
+        (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "events-9999.12"),
+        (datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "events-1969.12"),
+        (datetime(2026, 12, 1, tzinfo=UTC), "events-2026.12"),
+    ],
+)
+def test_monthly_index_by_event_time(when: datetime, index: str) -> None:
+    assert search.index_name("events", micros(when)) == index
+    sink = search.SearchSink("http://unused:9200")
+    assert sink._index(micros(when)) == index  # by day, cached
+    assert sink._index(micros(when)) == index
 
 
 def test_property_keys_for_the_policy() -> None:

@@ -14,8 +14,9 @@ import pytest
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dependencies import DependencyWaiter
+from services.common.policy_input import case_of
 from services.common.stage import BatchOutcome
-from services.common.topology import DEAD_LETTER, DLQ, PROCESSED, VALIDATED, raw_topic
+from services.common.topology import DEAD_LETTER, DLQ, POLICY_INPUT_HEADER, PROCESSED, VALIDATED, raw_topic
 from services.common.tracing import TRACEPARENT
 from services.ingester.dedup import Position, Seen
 from services.ingester.service import Ingester, IngesterSettings
@@ -225,6 +226,9 @@ def test_the_processor_enriches_kept_events_with_their_users() -> None:
     assert (second["user_name"], second["user_tier"], second["user_known"]) == (None, "free", False)
     assert (first["day_of_week"], first["hour"]) == ("Thursday", 14)
     assert users.asked == [{"alice", "stranger"}]  # one lookup per batch
+    # The storage policy's input rides in a header, equal to what the value says.
+    header = orjson.loads(dict(outcome.records[0].headers)[POLICY_INPUT_HEADER])
+    assert (header["type"], header["source"], tuple(header["property_keys"])) == case_of(first)
 
 
 def test_the_processor_counts_what_the_rules_filter_and_asks_per_event_only_when_sampling() -> None:

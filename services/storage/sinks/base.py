@@ -9,10 +9,12 @@ from typing import Any, Protocol
 from confluent_kafka import Message
 
 
-@dataclass
+@dataclass(slots=True)
 class StoredEvent:
     message: Message
-    record: dict[str, Any]  # the decoded ProcessedEvent
+    # The decoded ProcessedEvent, its timestamps as integer microseconds since the Unix
+    # epoch, UTC (AvroSerde(..., timestamps_as_micros=True)): no datetime per value.
+    record: dict[str, Any]
     redact_for_search: tuple[str, ...] = ()  # property keys the search index must not receive
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aioboto3
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
+from services.common.avro import from_micros
 from services.common.dependencies import DependencyUnavailable
 from services.storage.sinks.base import StoredEvent
 
@@ -72,6 +74,9 @@ S3_WAIT_CODES = frozenset(
     }
 )  # fmt: skip
 S3_WAIT_STATUSES = frozenset({401, 403, 404, 408, 409, 429})
+HOUR_US = 3_600_000_000
+# The columns taken from the record as they are (timestamps: integer microseconds, UTC).
+RECORD_COLUMNS = SCHEMA.names[:15]
 
 
 def object_key(prefix: str, when: datetime, partition: int, first_offset: int) -> str:
@@ -89,18 +94,18 @@ class LakeSink:
         )
 
     async def write(self, events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
-        groups: dict[tuple[int, datetime], list[StoredEvent]] = defaultdict(list)
+        groups: dict[tuple[int, int], list[StoredEvent]] = defaultdict(list)
         for event in events:  # in offset order per partition, as consumed
-            hour = event.record["timestamp"].astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-            groups[(event.message.partition(), hour)].append(event)
-        stored_at = datetime.now(UTC)
+            timestamp = event.record["timestamp"]
+            groups[(event.message.partition(), timestamp - timestamp % HOUR_US)].append(event)
+        stored_at = time.time_ns() // 1000
         refused: list[tuple[StoredEvent, str]] = []
         objects: list[tuple[int, datetime, list[StoredEvent], bytes]] = []
         for (partition, hour), group in groups.items():
             table, kept, unconvertible = _convertible(group, stored_at)
             refused += unconvertible
             if table is not None:
-                objects.append((partition, hour, kept, _parquet_bytes(table)))
+                objects.append((partition, from_micros(hour), kept, _parquet_bytes(table)))
         try:
             async with self.session.client("s3", endpoint_url=self.endpoint) as s3:
                 results = await asyncio.gather(
@@ -116,7 +121,7 @@ class LakeSink:
         partition: int,
         hour: datetime,
         events: list[StoredEvent],
-        stored_at: datetime,
+        stored_at: int,
         body: bytes,
     ) -> list[tuple[StoredEvent, str]]:
         """Put the events' object; if S3 refuses the request itself, bisect the events."""
@@ -150,7 +155,7 @@ def s3_refuses_request(error: ClientError) -> bool:
 
 
 def _convertible(
-    events: list[StoredEvent], stored_at: datetime
+    events: list[StoredEvent], stored_at: int
 ) -> tuple[pa.Table | None, list[StoredEvent], list[tuple[StoredEvent, str]]]:
     """The table of the events pyarrow can convert to SCHEMA (None if none can), those
     events, and the others with its reason. The whole group in one go first; record by
@@ -169,7 +174,7 @@ def _convertible(
     return (_table(kept, stored_at) if kept else None), kept, refused
 
 
-def _parquet(events: list[StoredEvent], stored_at: datetime) -> bytes:
+def _parquet(events: list[StoredEvent], stored_at: int) -> bytes:
     return _parquet_bytes(_table(events, stored_at))
 
 
@@ -179,13 +184,14 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _table(events: list[StoredEvent], stored_at: datetime) -> pa.Table:
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for event in events:
-        record = event.record
-        for name in SCHEMA.names[:15]:
-            columns[name].append(record[name])
-        columns["stored_at"].append(stored_at)
-        columns["kafka_partition"].append(event.message.partition())
-        columns["kafka_offset"].append(event.message.offset())
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+def _table(events: list[StoredEvent], stored_at: int) -> pa.Table:
+    """stored_at: microseconds since the Unix epoch, as the record's timestamps."""
+    # Column by column: pyarrow converts a list of ints per column, timestamps included.
+    records = [e.record for e in events]
+    columns = [pa.array([r[name] for r in records], SCHEMA.field(name).type) for name in RECORD_COLUMNS]
+    columns += [
+        pa.array([stored_at] * len(events), TIMESTAMP),
+        pa.array([e.message.partition() for e in events], pa.int32()),
+        pa.array([e.message.offset() for e in events], pa.int64()),
+    ]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)

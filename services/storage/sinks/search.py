@@ -8,10 +8,17 @@ PROPERTY_IGNORE_ABOVE characters are kept in `_source` but not indexed: Lucene r
 term over 32766 bytes, which would make the whole document unindexable. Properties the
 storage policy marks sensitive are removed before indexing.
 
+The bulk body is built here with orjson and sent as bytes (the client passes bytes through
+as the NDJSON body); dates go as epoch milliseconds, which the `date` mapping takes and
+stores as it stores any date: milliseconds since the epoch, UTC (the record's timestamps
+are integer microseconds: floor division keeps the instant an ISO string would give).
+Responses are parsed with orjson too, filtered down to each item's status and error.
+
 Writes are `create`, never `index`: a (source, id) sent again (a replay, a retried batch)
 cannot overwrite what the index holds, and the 409 it gets means "already stored".
 Failures, by where they show:
-- a document that cannot be built (properties not a JSON object, or not JSON): refused;
+- a document that cannot be built (properties not a JSON object, or not JSON, or not
+  encodable as JSON): refused;
 - the bulk request refused as a whole with a 4xx other than 401/403/404/408/429 (an `_id`
   over 512 bytes fails the whole request with 400; 413 when it is too large): the batch
   is bisected down to the documents that make it fail, which are refused;
@@ -23,12 +30,14 @@ Failures, by where they show:
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 import orjson
-from elasticsearch import ApiError, AsyncElasticsearch, SerializationError, TransportError
+from elasticsearch import ApiError, AsyncElasticsearch, TransportError
+from elasticsearch.serializer import OrjsonSerializer
 
+from services.common.avro import from_micros
 from services.common.dependencies import DependencyUnavailable
 from services.storage.sinks.base import StoredEvent
 
@@ -61,15 +70,29 @@ MAPPINGS = {
     },
 }
 FIELDS = [name for name in MAPPINGS["properties"] if name not in ("properties", "stored_at")]
+# Date fields taken from the record, which holds them as integer microseconds.
+DATE_FIELDS = [name for name in FIELDS if MAPPINGS["properties"][name] is DATE]
+OTHER_FIELDS = [name for name in FIELDS if name not in DATE_FIELDS]
+# New indices refresh this often by default: every refresh makes a Lucene segment, and a
+# bulk loader needs its documents searchable within seconds, not within the second.
+DEFAULT_REFRESH_INTERVAL = "5s"
+# index.translog.durability stays "request" (the default): a bulk is acknowledged only
+# once its translog is fsynced. With "async" an Elasticsearch crash could lose documents
+# it had acknowledged, after the sink committed their Kafka offsets: nothing would send
+# them again.
+# The part of a bulk response the sink reads: whether any item failed, each item's status and error.
+BULK_FILTER = "errors,items.*.status,items.*.error"
+DAY_US = 86_400_000_000
 # Whole-request statuses that are the cluster's state or ours, not the documents': waited out.
 WAIT_STATUSES = frozenset({401, 403, 404, 408, 429})
 
 Refused = list[tuple[StoredEvent, str]]
-Item = tuple[StoredEvent, dict[str, Any], dict[str, Any]]  # event, action, document
+Item = tuple[StoredEvent, bytes]  # event, its two NDJSON lines (action and document)
 
 
-def index_name(prefix: str, record: dict[str, Any]) -> str:
-    return f"{prefix}-{record['timestamp']:%Y.%m}"
+def index_name(prefix: str, timestamp_us: int) -> str:
+    """The monthly index of an event time in microseconds since the epoch."""
+    return f"{prefix}-{from_micros(timestamp_us):%Y.%m}"
 
 
 def document_id(record: dict[str, Any]) -> str:
@@ -77,16 +100,19 @@ def document_id(record: dict[str, Any]) -> str:
     return f"{record['source']}:{record['id']}"
 
 
-def document(record: dict[str, Any], redact: tuple[str, ...], stored_at: str) -> dict[str, Any]:
-    """The indexed document; ValueError when properties is not a JSON object."""
-    doc = {name: record[name] for name in FIELDS}
+def document(record: dict[str, Any], redact: tuple[str, ...], stored_at_ms: int) -> dict[str, Any]:
+    """The indexed document, dates in epoch milliseconds; ValueError when properties is not
+    a JSON object."""
+    doc = {name: record[name] for name in OTHER_FIELDS}
+    for name in DATE_FIELDS:
+        doc[name] = record[name] // 1000
     properties = orjson.loads(record["properties"])  # orjson.JSONDecodeError is a ValueError
     if not isinstance(properties, dict):
         raise ValueError(f"properties is a JSON {type(properties).__name__}, not an object")
     for key in redact:
         properties.pop(key, None)
     doc["properties"] = properties
-    doc["stored_at"] = stored_at
+    doc["stored_at"] = stored_at_ms
     return doc
 
 
@@ -108,28 +134,45 @@ class SearchSink:
     name = "search"
     dependency = "elasticsearch"
 
-    def __init__(self, url: str, prefix: str = "events"):
-        self.prefix = prefix
-        self.client = AsyncElasticsearch(url, request_timeout=30)
+    def __init__(self, url: str, prefix: str = "events", refresh_interval: str = DEFAULT_REFRESH_INTERVAL):
+        self.prefix, self.refresh_interval = prefix, refresh_interval
+        self.client = AsyncElasticsearch(url, request_timeout=30, serializer=OrjsonSerializer())
         self._template_ready = False
+        self._indices: dict[int, str] = {}  # index names by day since the epoch
 
     async def write(self, events: list[StoredEvent]) -> Refused:
-        stored_at = datetime.now(UTC).isoformat()
-        refused: Refused = []
-        items: list[Item] = []
-        for e in events:
-            try:
-                source = document(e.record, e.redact_for_search, stored_at)
-            except (ValueError, TypeError) as error:
-                refused.append((e, f"elasticsearch sink cannot make a document: {error}"))
-                continue
-            action = {"create": {"_index": index_name(self.prefix, e.record), "_id": document_id(e.record)}}
-            items.append((e, action, source))
+        refused, items = self.bulk_items(events, time.time_ns() // 1_000_000)
         try:
             await self._ensure_template()
         except (ApiError, TransportError, OSError) as error:
             raise DependencyUnavailable("elasticsearch", f"{type(error).__name__}: {error}") from error
         return refused + await self._bulk(items)
+
+    def bulk_items(self, events: list[StoredEvent], stored_at_ms: int) -> tuple[Refused, list[Item]]:
+        """Each event's bulk lines, or why it cannot have any."""
+        refused: Refused = []
+        items: list[Item] = []
+        for e in events:
+            try:
+                source = orjson.dumps(document(e.record, e.redact_for_search, stored_at_ms))
+                action = orjson.dumps(
+                    {"create": {"_index": self._index(e.record["timestamp"]), "_id": document_id(e.record)}}
+                )
+            except (ValueError, TypeError) as error:  # orjson.JSONEncodeError is a TypeError
+                refused.append((e, f"elasticsearch sink cannot make a document: {error}"))
+                continue
+            items.append((e, b"%b\n%b\n" % (action, source)))
+        return refused, items
+
+    def _index(self, timestamp_us: int) -> str:
+        """index_name, with one datetime per day rather than per event."""
+        day = timestamp_us // DAY_US
+        name = self._indices.get(day)
+        if name is None:
+            if len(self._indices) >= 10_000:  # event times are the sources' to choose
+                self._indices.clear()
+            name = self._indices[day] = index_name(self.prefix, day * DAY_US)
+        return name
 
     async def _bulk(self, items: list[Item]) -> Refused:
         """Create the documents; bisect a request refused as a whole to find the culprits."""
@@ -137,14 +180,14 @@ class SearchSink:
             return []
         try:
             response = await self.client.bulk(
-                operations=[part for _, action, source in items for part in (action, source)], refresh=False
+                operations=b"".join(lines for _, lines in items),  # type: ignore[arg-type]  # bytes pass through
+                refresh=False,
+                filter_path=BULK_FILTER,
             )
         except ApiError as e:
             if not request_refused(e.meta.status):
                 raise DependencyUnavailable("elasticsearch", f"bulk: HTTP {e.meta.status}: {e}") from e
             reason = f"elasticsearch refused the request: HTTP {e.meta.status}: {e}"
-        except SerializationError as e:  # the client cannot encode a document
-            reason = f"elasticsearch client cannot encode the document: {e}"
         except (TransportError, OSError) as e:
             raise DependencyUnavailable("elasticsearch", f"{type(e).__name__}: {e}") from e
         else:
@@ -156,7 +199,7 @@ class SearchSink:
 
     def _item_results(self, items: list[Item], results: list[dict[str, Any]]) -> Refused:
         refused: Refused = []
-        for (event, _, _), item in zip(items, results, strict=True):
+        for (event, _), item in zip(items, results, strict=True):
             result = next(iter(item.values()))
             status = result.get("status", 0)
             outcome = item_outcome(status)
@@ -179,7 +222,14 @@ class SearchSink:
         await self.client.indices.put_index_template(
             name=TEMPLATE_NAME,
             index_patterns=[f"{self.prefix}-*"],
-            template={"settings": {"number_of_shards": 1, "number_of_replicas": 0}, "mappings": MAPPINGS},
+            template={
+                "settings": {
+                    "number_of_shards": 1,
+                    "number_of_replicas": 0,
+                    "refresh_interval": self.refresh_interval,
+                },
+                "mappings": MAPPINGS,
+            },
         )
         try:
             await self.client.indices.put_mapping(
