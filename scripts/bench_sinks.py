@@ -68,7 +68,9 @@ class Message:
 
 def processed_messages(n: int, store: SchemaStore) -> list[Message]:
     validated = AvroSerde(store, VALIDATED_EVENT)
-    processed = AvroSerde(store, PROCESSED_EVENT)
+    # As the processor reads and writes them: timestamps as integer microseconds.
+    as_micros = AvroSerde(store, VALIDATED_EVENT, timestamps_as_micros=True)
+    processed = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
     now = datetime.now(UTC)
     messages: list[Message] = []
     for generated in generate_events(n * 2, seed=1, invalid_fraction=0.0, duplicate_fraction=0.0):
@@ -81,7 +83,7 @@ def processed_messages(n: int, store: SchemaStore) -> list[Message]:
             "properties": orjson.dumps(event.properties).decode(), "version": 1, "received_at": now,
             "ingested_at": now, "raw_partition": 0, "raw_offset": len(messages),
         }  # fmt: skip
-        record = processed_record(validated.decode(validated.encode(datum)), USER, 1, now)
+        record = processed_record(as_micros.decode(validated.encode(datum)), USER, 1, micros(now))
         value = processed.encode(record)
         messages.append(Message(0, len(messages), value, [policy_header(record)]))
     return messages

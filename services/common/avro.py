@@ -147,12 +147,13 @@ class _Reader:
 class AvroSerde:
     """Encodes with, and decodes to, the latest version of one schema.
 
-    timestamps_as_micros: decode the top-level timestamp-millis/micros fields to integer
-    microseconds since the Unix epoch (UTC) instead of datetimes, which is most of what
-    decoding costs. The schemas are read without those logical types (Avro resolution
+    timestamps_as_micros: the top-level timestamp-millis/micros fields are integer
+    microseconds since the Unix epoch (UTC) instead of datetimes, both ways, which is most
+    of what decoding costs. The schemas are read without those logical types (Avro resolution
     ignores logical types, and the bytes are the same longs), each value is scaled from its
     writer's unit, and a value outside what a datetime holds is refused as it is when
-    decoding to datetimes, so both ways accept exactly the same payloads.
+    decoding to datetimes, so both ways accept exactly the same payloads. Encoding scales
+    each value to the field's unit (a millisecond field gets us // 1000).
     """
 
     def __init__(self, store: SchemaStore, name: str, *, timestamps_as_micros: bool = False) -> None:
@@ -163,6 +164,10 @@ class AvroSerde:
         self._readers: dict[bytes, _Reader] = {
             sv.fingerprint: _reader(sv, self.writer, timestamps_as_micros) for sv in store.versions(name)
         }
+        own = self._readers[self.writer.fingerprint]
+        self._write_schema = own.writer
+        # With timestamps_as_micros, the fields given as integer microseconds, and their unit.
+        self._timestamps = own.timestamps
 
     def check_header(self, payload: bytes) -> None:
         """Raise SerdeError unless payload starts with the single-object header of a known
@@ -181,10 +186,12 @@ class AvroSerde:
         # One buffer for the whole batch, cut into payloads at the end.
         buf = BytesIO()
         ends = []
-        schema = self.writer.schema
+        schema, timestamps = self._write_schema, self._timestamps
         for i, datum in enumerate(data):
             buf.write(self._header)
             try:
+                if timestamps:
+                    datum = {**datum, **_timestamps_to_units(datum, timestamps)}
                 # A field the schema does not have is a bug (a typo, a stale schema), not
                 # something to drop silently; a missing one takes its default, as in Avro.
                 fastavro.schemaless_writer(buf, schema, datum, strict_allow_default=True)
@@ -258,6 +265,19 @@ class AvroSerde:
                 f" (written with a {self.name} version newer than this service knows?)"
             )
         return f"payload is a {_label(other)}, expected a {self.name}"
+
+
+def _timestamps_to_units(datum: dict, timestamps: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    """The datum's integer-microsecond timestamps in their fields' units; refused (as a
+    datetime could not hold them) when out of range, as decoding would refuse them."""
+    scaled = {}
+    for field, unit_us in timestamps:
+        if field in datum:
+            us = datum[field]
+            if type(us) is not int or not EARLIEST_US <= us <= LATEST_US:
+                raise ValueError(f"{field}: {us!r} is not integer microseconds within years 1-9999")
+            scaled[field] = us // unit_us
+    return scaled
 
 
 def _reader(sv: SchemaVersion, latest: SchemaVersion, timestamps_as_micros: bool) -> _Reader:

@@ -32,8 +32,9 @@ from services.storage.sinks import lake, postgres, search
 from services.storage.sinks.base import StoredEvent
 
 NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
-PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent")
-SINK_PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent", timestamps_as_micros=True)
+# As the processor and the sinks read and write them: timestamps as integer microseconds.
+VALIDATED_AS_MICROS = AvroSerde(SchemaStore.load(), "pipeline.events.ValidatedEvent", timestamps_as_micros=True)
+PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent", timestamps_as_micros=True)
 # database=None: no .hypothesis/ directory in the working tree.
 EXAMPLES = settings(
     max_examples=300,
@@ -86,15 +87,15 @@ def survive(value: bytes, serde: AvroSerde) -> None:
     for text in (result.event_id, result.user_id, result.event_type, source, properties):
         assert "\x00" not in text and "\\u0000" not in text.replace("\\\\", "")
     assert len(f"{source}:{result.event_id}".encode()) <= 512  # Elasticsearch _id
-    through_the_stores(decoded)
+    through_the_stores(VALIDATED_AS_MICROS.decode(encoded))
 
 
 def through_the_stores(validated: dict[str, Any]) -> None:
     """What the processor and each sink build from an accepted event: no exception."""
-    record = processed_record(validated, UNKNOWN, PROCESSED.writer.version, NOW)
+    record = processed_record(validated, UNKNOWN, PROCESSED.writer.version, micros(NOW))
     value = PROCESSED.encode(record)
     header = policy_header(record)
-    record = SINK_PROCESSED.decode(value)
+    record = PROCESSED.decode(value)
     event = StoredEvent(FakeMessage([header]), record)
     assert case_from_headers(event.message) == case_of(record)  # the header says what the value says
     pq.read_table(io.BytesIO(lake._parquet([event], micros(NOW))))  # the lake's Parquet, read back

@@ -11,8 +11,10 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from services.common.avro import AvroSerde, SchemaStore
+from services.common.avro import AvroSerde, SchemaStore, micros
 from services.common.dependencies import DependencyWaiter
 from services.common.policy_input import case_of
 from services.common.stage import BatchOutcome
@@ -21,7 +23,7 @@ from services.common.tracing import TRACEPARENT
 from services.ingester.dedup import Position, Seen
 from services.ingester.service import Ingester, IngesterSettings
 from services.processor.enrichment import UNKNOWN, User
-from services.processor.service import Processor, ProcessorSettings
+from services.processor.service import Processor, ProcessorSettings, processed_record
 from tests.unit.fakes import FakeMessage, FakeOpa
 
 STORE = SchemaStore.load()
@@ -278,3 +280,12 @@ def test_the_processor_dead_letters_a_record_the_schema_refuses(monkeypatch: pyt
         "e2",
     ]
     assert outcome.dead_letters == {"poison": 1}
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999_999)))
+def test_day_and_hour_from_integer_timestamps_are_utc_calendar_ones(moment: datetime) -> None:
+    when = moment.replace(tzinfo=UTC)
+    event = {"event_id": "e", "event_type": "t", "timestamp": micros(when), "user_id": "u",
+             "properties": "{}", "source": "web", "received_at": 0, "ingested_at": 0}  # fmt: skip
+    record = processed_record(event, ALICE, 1, 0)
+    assert (record["day_of_week"], record["hour"]) == (when.strftime("%A"), when.hour)
