@@ -139,51 +139,40 @@ class RawEvent(BaseModel):
     @field_validator("event_id", "user_id")
     @classmethod
     def _id(cls, value: str) -> str:
-        if _too_long(value, MAX_ID_BYTES):
-            raise ValueError(f"must be at most {MAX_ID_BYTES} bytes of UTF-8")
-        if FORBIDDEN_IN_ID.search(value):
-            raise ValueError(
-                "must not contain control characters (U+0000-U+001F, U+007F-U+009F, U+2028, U+2029)"
-            )
+        problem = id_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("event_type")
     @classmethod
     def _event_type(cls, value: str) -> str:
-        if len(value) > MAX_EVENT_TYPE_BYTES:
-            raise ValueError(f"must be at most {MAX_EVENT_TYPE_BYTES} characters")
-        if not EVENT_TYPE.fullmatch(value):
-            raise ValueError(
-                "must be ASCII letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
-            )
+        problem = event_type_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("source")
     @classmethod
     def _source(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if len(value) > MAX_SOURCE_BYTES:
-            raise ValueError(f"must be at most {MAX_SOURCE_BYTES} characters")
-        if not SOURCE_NAME.fullmatch(value):
-            raise ValueError(
-                "must be a source name: 1-63 lowercase letters, digits, '_' or '-', starting with a letter or digit"
-            )
+        problem = None if value is None else source_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("timestamp", mode="before")
     @classmethod
     def _timestamp(cls, value: object, info: ValidationInfo) -> datetime:
         context = info.context if isinstance(info.context, _Context) else _Context(DEFAULT_LIMITS, _utcnow())
-        return _parse_timestamp(value, context)
+        return parse_timestamp(value, context.limits, context.now)
 
     @field_validator("properties")
     @classmethod
     def _properties(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         tally = [0, 0]
         try:
-            _check_container(value, 1, tally)
-        except _BadProperty as bad:
+            check_container(value, 1, tally)
+        except BadProperty as bad:
             where = "".join(reversed(bad.path))
             raise ValueError(f"{where.lstrip('.')}: {bad.problem}" if where else bad.problem) from None
         if isinstance(info.context, _Context):
@@ -251,7 +240,36 @@ def _too_long(value: str, max_bytes: int) -> bool:
     return n > max_bytes or len(value.encode("utf-8", "surrogatepass")) > max_bytes
 
 
-def _parse_timestamp(value: object, context: _Context) -> datetime:
+# The rules of the fields other than properties, one function each, shared by RawEvent's
+# validators and the fast path (services/ingester/fastpath.py): the problem, or None.
+
+
+def id_problem(value: str) -> str | None:
+    if _too_long(value, MAX_ID_BYTES):
+        return f"must be at most {MAX_ID_BYTES} bytes of UTF-8"
+    if FORBIDDEN_IN_ID.search(value):
+        return "must not contain control characters (U+0000-U+001F, U+007F-U+009F, U+2028, U+2029)"
+    return None
+
+
+def event_type_problem(value: str) -> str | None:
+    if len(value) > MAX_EVENT_TYPE_BYTES:
+        return f"must be at most {MAX_EVENT_TYPE_BYTES} characters"
+    if not EVENT_TYPE.fullmatch(value):
+        return "must be ASCII letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
+    return None
+
+
+def source_problem(value: str) -> str | None:
+    if len(value) > MAX_SOURCE_BYTES:
+        return f"must be at most {MAX_SOURCE_BYTES} characters"
+    if not SOURCE_NAME.fullmatch(value):
+        return "must be a source name: 1-63 lowercase letters, digits, '_' or '-', starting with a letter or digit"
+    return None
+
+
+def parse_timestamp(value: object, limits: ValidationLimits, now: datetime) -> datetime:
+    """The instant in value, in the offset it was given in; ValueError says what is wrong."""
     match = RFC3339.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise ValueError("timestamp must be an RFC 3339 date-time string, e.g. 2026-11-26T14:03:07Z")
@@ -269,15 +287,14 @@ def _parse_timestamp(value: object, context: _Context) -> datetime:
         raise ValueError(f"timestamp is not a valid date-time: {e}") from None
     # Aware datetimes compare and subtract by instant without converting to UTC, so year 1
     # or 9999 with an offset cannot overflow here (converting them could).
-    limits = context.limits
     if parsed < limits.earliest_event_time:
         raise ValueError(f"timestamp is before {limits.earliest_event_time.isoformat()}")
-    if parsed - context.now > limits.max_future:
+    if parsed - now > limits.max_future:
         raise ValueError(f"timestamp is more than {limits.max_future_s:g} s in the future")
     return parsed
 
 
-class _BadProperty(Exception):
+class BadProperty(Exception):
     """A rule broken inside properties; path collects the keys on the way back out."""
 
     def __init__(self, problem: str) -> None:
@@ -286,7 +303,7 @@ class _BadProperty(Exception):
         self.path: list[str] = []
 
 
-def _check_container(node: dict[str, Any] | list[Any], depth: int, tally: list[int]) -> None:
+def check_container(node: dict[str, Any] | list[Any], depth: int, tally: list[int]) -> None:
     """Checks node and everything in it, in one pass; tally counts [keys and elements, keys].
 
     The hot path: a valid event's properties are walked exactly once, with exact type
@@ -294,10 +311,10 @@ def _check_container(node: dict[str, Any] | list[Any], depth: int, tally: list[i
     the keys of an object are checked all at once.
     """
     if depth > MAX_PROPERTIES_DEPTH:
-        raise _BadProperty(f"nested deeper than {MAX_PROPERTIES_DEPTH} levels")
+        raise BadProperty(f"nested deeper than {MAX_PROPERTIES_DEPTH} levels")
     tally[0] += len(node)
     if tally[0] > MAX_PROPERTIES_ITEMS:  # before walking: a huge array costs nothing to refuse
-        raise _BadProperty(f"more than {MAX_PROPERTIES_ITEMS} keys and array elements in all")
+        raise BadProperty(f"more than {MAX_PROPERTIES_ITEMS} keys and array elements in all")
     if type(node) is dict:
         tally[1] += len(node)
         keys = "".join(node)
@@ -308,7 +325,7 @@ def _check_container(node: dict[str, Any] | list[Any], depth: int, tally: list[i
         try:
             for key, item in node.items():  # noqa: B007 (key is read by the handler)
                 _check_item(item, depth, tally)
-        except _BadProperty as bad:
+        except BadProperty as bad:
             bad.path.append(_step(key))
             raise
     else:
@@ -316,7 +333,7 @@ def _check_container(node: dict[str, Any] | list[Any], depth: int, tally: list[i
         try:
             for i, item in enumerate(node):  # noqa: B007 (i is read by the handler)
                 _check_item(item, depth, tally)
-        except _BadProperty as bad:
+        except BadProperty as bad:
             bad.path.append(f"[{i}]")
             raise
 
@@ -329,20 +346,20 @@ def _check_item(item: Any, depth: int, tally: list[int]) -> None:
     kind = type(item)
     if kind is str:
         if "\x00" in item:
-            raise _BadProperty("NUL (\\u0000) in a string")
+            raise BadProperty("NUL (\\u0000) in a string")
         if len(item) > _FAST_STRING and _too_long(item, MAX_STRING_BYTES):
-            raise _BadProperty(f"string longer than {MAX_STRING_BYTES} bytes")
+            raise BadProperty(f"string longer than {MAX_STRING_BYTES} bytes")
     elif kind is dict or kind is list:
-        _check_container(item, depth + 1, tally)
+        check_container(item, depth + 1, tally)
     elif kind is float:
         if not isfinite(item):
-            raise _BadProperty("number is not finite (NaN, Infinity, or beyond ±1.8e308)")
+            raise BadProperty("number is not finite (NaN, Infinity, or beyond ±1.8e308)")
     elif kind is int and not MIN_INT <= item <= MAX_INT:
-        raise _BadProperty("integer out of 64-bit range")
+        raise BadProperty("integer out of 64-bit range")
 
 
 def _check_keys(node: dict[str, Any]) -> None:
-    """The one key at fault, once the all-at-once check in _check_container found one."""
+    """The one key at fault, once the all-at-once check in check_container found one."""
     for key in node:
         if not key:
             problem = "empty key"
@@ -352,7 +369,7 @@ def _check_keys(node: dict[str, Any]) -> None:
             problem = f"key longer than {MAX_KEY_BYTES} bytes"
         else:
             continue
-        bad = _BadProperty(problem)
+        bad = BadProperty(problem)
         bad.path.append(_step(key))
         raise bad
 
