@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Self
 from confluent_kafka import Message
 from pydantic import AwareDatetime, Field, model_validator
 
-from services.common.avro import AvroSerde, SchemaStore
+from services.common.avro import AvroSerde, SchemaStore, micros
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass, FieldError
@@ -91,7 +91,8 @@ class Ingester:
     def __init__(self, settings: IngesterSettings, waiter: DependencyWaiter, store: SchemaStore):
         self.settings, self.waiter = settings, waiter
         self.limits = settings.limits()
-        self.validated = AvroSerde(store, VALIDATED_EVENT)
+        # Timestamps as integer microseconds: cheaper to encode than datetimes.
+        self.validated = AvroSerde(store, VALIDATED_EVENT, timestamps_as_micros=True)
         self.version = store.latest(VALIDATED_EVENT).version
         self.dead_letters = DeadLetters(store, INGESTER)
         self.opa = OpaClient(settings.opa_url)
@@ -146,7 +147,7 @@ class Ingester:
         limit = EVENT_RECORD_BYTES - RECORD_OVERHEAD_BYTES
         encoded: list[tuple[Admitted, bytes]] = []
         for admitted, value in zip(
-            allowed, self.validated.encode_batch([self._validated(a, now) for a in allowed]), strict=True
+            allowed, self.validated.encode_batch([self._validated(a, micros(now)) for a in allowed]), strict=True
         ):
             if len(value) <= limit:
                 encoded.append((admitted, value))
@@ -173,7 +174,8 @@ class Ingester:
             )
         return outcome
 
-    def _validated(self, admitted: Admitted, now: datetime) -> dict[str, Any]:
+    def _validated(self, admitted: Admitted, now_us: int) -> dict[str, Any]:
+        """The ValidatedEvent datum, timestamps in integer microseconds (UTC)."""
         message, event = admitted.message, admitted.event
         _, produced_ms = message.timestamp()
         # A producer chooses its records' timestamps: one outside what a datetime holds
@@ -182,13 +184,13 @@ class Ingester:
         return {
             "event_id": event.event_id,
             "event_type": event.event_type,
-            "timestamp": event.timestamp.astimezone(UTC),
+            "timestamp": micros(event.timestamp),
             "user_id": event.user_id,
             "source": admitted.source,
             "properties": event.properties_json,
             "version": self.version,
-            "received_at": datetime.fromtimestamp(produced_ms / 1000, UTC) if produced_ok else now,
-            "ingested_at": now,
+            "received_at": produced_ms * 1000 if produced_ok else now_us,
+            "ingested_at": now_us,
             "raw_partition": message.partition(),
             "raw_offset": message.offset(),
         }
