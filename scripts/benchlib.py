@@ -24,7 +24,7 @@ import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local.stack import Stack, free_ports
+from deploy.local.stack import SERVICES, Stack, free_ports
 from services.common.topology import configured_sources, raw_topic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,12 @@ def isolated_stack(
     """A complete stack on free ports in a temporary directory, stopped and removed at the end
     (also on Ctrl-C and SIGTERM: see exit_on_signals)."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
-    stack = Stack(root, ports=free_ports(), authz_cache_seconds=60, service_env=service_env)
+    # One instance of each service, whatever PIPELINE_*_INSTANCES says: the benchmarks scrape
+    # and account for each service as one process (stack.services).
+    one_each = dict.fromkeys(SERVICES, 1)
+    stack = Stack(
+        root, ports=free_ports(), authz_cache_seconds=60, service_env=service_env, instances=one_each
+    )
     try:
         stack.up(log=log or (lambda line: None))
         yield stack

@@ -284,15 +284,23 @@ def raise_exited(process: ManagedProcess) -> None:
 
 
 class PipelineService:
-    """One of the pipeline's own services (python -m services.<name>), with its health port.
+    """One instance of one of the pipeline's own services (python -m services.<service>),
+    with its health port. `name` is the instance's: the service's for its first instance,
+    `<service>-<n>` for the others (services/common/topology.py instance_name); its pid, state and
+    log files are named after it, and `instance_id` (PIPELINE_INSTANCE_ID) makes its
+    transactional ids and static group member ids its own.
 
     It runs under deploy/local/supervisor.py, which restarts it when it crashes: the pid
     file is the supervisor's (stopping it stops the service), the service's own pid is in
     the supervisor's state file (<stack>/run/<name>.supervisor.json).
     """
 
-    def __init__(self, root: Path, name: str, port: int):
+    def __init__(
+        self, root: Path, name: str, port: int, service: str | None = None, instance_id: str = "local"
+    ):
         self.name, self.port = name, port
+        self.service = service or name
+        self.instance_id = instance_id
         self.url = f"http://127.0.0.1:{port}"
         self.process = ManagedProcess(name, root / "run", root / "logs")
         self.state_file = supervisor_state_file(root, name)
@@ -324,9 +332,9 @@ class PipelineService:
                     "--",
                     sys.executable,
                     "-m",
-                    f"services.{self.name}",
+                    f"services.{self.service}",
                 ],
-                env={**env, "PIPELINE_HTTP_PORT": str(self.port), "PIPELINE_INSTANCE_ID": "local"},
+                env={**env, "PIPELINE_HTTP_PORT": str(self.port), "PIPELINE_INSTANCE_ID": self.instance_id},
                 cwd=tools.REPO,
             )
         wait_until(

@@ -38,9 +38,10 @@ Samples = Counter[tuple[str, tuple[tuple[str, str], ...]]]
 
 
 def scrape(stack: Stack) -> Samples:
-    """Every pipeline_* counter of every service, keyed by (name, labels)."""
+    """Every pipeline_* counter of every service, keyed by (name, labels), summed over the
+    instances of a service (each counts the partitions it owns)."""
     samples: Samples = Counter()
-    for service in stack.services.values():
+    for service in stack.instances.values():
         text = httpx.get(f"{service.url}/metrics", timeout=5).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
@@ -84,7 +85,7 @@ def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
     deadline = time.monotonic() + timeout_s
     # Counters start at zero in a restarted service: count from a stack whose services are
     # all up and ready (one may be restarting, e.g. right after a broker outage).
-    while not all(service.ready() for service in stack.services.values()):
+    while not all(service.ready() for service in stack.instances.values()):
         if time.monotonic() > deadline:
             print(
                 f"demo: the services are not ready within {timeout_s:.0f}s; see `pipectl status`",

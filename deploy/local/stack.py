@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +42,7 @@ from deploy.local.s3server import S3Server
 from deploy.local.search_server import SearchServer
 from services.common.identity import X509Identity, identity_name, load_identity
 from services.common.kafka import client_config
-from services.common.topology import TopicSpec, all_topics, configured_sources
+from services.common.topology import TopicSpec, all_topics, configured_sources, instance_name
 from services.storage.migrate import apply_migrations
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".stack"
@@ -78,11 +78,55 @@ DEFAULT_PORTS = {
 }
 # The pipeline's services, in start order, with the identity each runs as.
 SERVICES = {"ingester": "service-ingester", "processor": "service-processor", "storage": "service-storage"}
+# Instances of each service side by side: PIPELINE_<SERVICE>_INSTANCES (default 1). They
+# share their stage's partitions through its consumer group. The cap keeps the default
+# ports of further instances (below) clear of OPA's 18181; past it, add machines.
+MAX_INSTANCES = 9
+# Instance n (from 2) of a service listens on its first instance's default port + 10*(n-1):
+# `make up` puts ingester-2 on 18091, processor-2 on 18092, ...
+INSTANCE_PORT_STEP = 10
 LAKE_BUCKET = "pipeline-lake"
 DEFAULT_AUTHZ_CACHE_SECONDS = 10
 # Kafka client quota per source identity (bytes/s produced), so one flooding source is
 # throttled by the broker without slowing the others. Override: PIPELINE_SOURCE_PRODUCER_BYTE_RATE.
 DEFAULT_SOURCE_PRODUCER_BYTE_RATE = 32 * 1024 * 1024
+
+
+def local_instance_id(n: int) -> str:
+    """PIPELINE_INSTANCE_ID of the n-th instance: unique per instance and the same at every
+    restart of it, as its transactional ids and static group member ids must be."""
+    return "local" if n == 1 else f"local-{n}"
+
+
+def instance_counts(environ: Mapping[str, str], current: Mapping[str, int] | None = None) -> dict[str, int]:
+    """How many instances of each service: PIPELINE_<SERVICE>_INSTANCES where set, else the
+    `current` count (what the stack runs: a `make down` or `make status` in another shell
+    sees every instance), else 1."""
+    counts = {}
+    for service in SERVICES:
+        variable = f"PIPELINE_{service.upper()}_INSTANCES"
+        value = environ.get(variable, "").strip() or str((current or {}).get(service, 1))
+        if not value.isdigit() or not 1 <= int(value) <= MAX_INSTANCES:
+            raise StackError(f"{variable} must be a whole number from 1 to {MAX_INSTANCES}, got {value!r}")
+        counts[service] = int(value)
+    return counts
+
+
+def instance_names(counts: Mapping[str, int]) -> list[str]:
+    """Every instance in start order: each service's instances before the next service's."""
+    return [instance_name(s, n) for s in SERVICES for n in range(1, counts.get(s, 1) + 1)]
+
+
+def instance_ports(ports: Mapping[str, int], counts: Mapping[str, int]) -> dict[str, int]:
+    """`ports` plus a port for each further instance it does not name (its first instance's
+    port + INSTANCE_PORT_STEP per instance). Tests name every instance's port themselves
+    (free_ports), since the neighbours of a free port need not be free."""
+    extra = {
+        instance_name(s, n): ports[s] + INSTANCE_PORT_STEP * (n - 1)
+        for s in SERVICES
+        for n in range(2, counts.get(s, 1) + 1)
+    }
+    return {**extra, **ports}
 
 
 @dataclass
@@ -94,6 +138,8 @@ class StackState:
     authz_cache_seconds: int
     s3_access_key: str = field(default_factory=lambda: f"pipeline-{secrets.token_hex(6)}")
     s3_secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
+    # Instances per service the last `up` started (PIPELINE_<SERVICE>_INSTANCES).
+    instances: dict[str, int] = field(default_factory=dict)
 
 
 class Stack:
@@ -103,13 +149,29 @@ class Stack:
         ports: dict[str, int] | None = None,
         authz_cache_seconds: int = DEFAULT_AUTHZ_CACHE_SECONDS,
         service_env: dict[str, str] | None = None,
+        instances: Mapping[str, int] | None = None,
     ):
-        """service_env: extra PIPELINE_* settings for the pipeline's services (tests)."""
+        """service_env: extra PIPELINE_* settings for the pipeline's services (tests).
+        instances: how many of each service (default: PIPELINE_<SERVICE>_INSTANCES, else as
+        many as the last `up` started, else 1)."""
         self.root = root.resolve()
         self.state_file = self.root / "stack.json"
         self.env_file = self.root / "env"
         self.identity_dir = self.root / "identities"
         self.state = self._load_or_create_state(ports or DEFAULT_PORTS, authz_cache_seconds)
+        if instances is None:  # what the environment asks for, else what the last `up` ran
+            self.counts = instance_counts(os.environ, self.state.instances)
+        else:
+            self.counts = {service: instances.get(service, 1) for service in SERVICES}
+        # Further instances' ports, kept in stack.json like the others.
+        added = {
+            k: v
+            for k, v in instance_ports(self.state.ports, self.counts).items()
+            if k not in self.state.ports
+        }
+        if added:
+            self.state.ports.update(added)
+            self._save_state(self.state)
         p = self.state.ports
         self.opa = OpaServer(self.root, p["opa"])
         self.postgres = PostgresServer(self.root, p["postgres"])
@@ -117,7 +179,16 @@ class Stack:
         self.s3 = S3Server(self.root, p["s3"], self.state.s3_access_key, self.state.s3_secret_key)
         self.search = SearchServer(self.root, p["elasticsearch"])
         self.service_env = {"PIPELINE_LAKE_FLUSH_SECONDS": "10", **(service_env or {})}
-        self.services = {name: PipelineService(self.root, name, p[name]) for name in SERVICES}
+        # Every instance of every service, by instance name (ingester, ingester-2, ...), in
+        # start order; `services` is each service's first instance, under the service's name.
+        self.instances: dict[str, PipelineService] = {}
+        for service in SERVICES:
+            for n in range(1, self.counts.get(service, 1) + 1):
+                name = instance_name(service, n)
+                self.instances[name] = PipelineService(
+                    self.root, name, p[name], service, local_instance_id(n)
+                )
+        self.services = {name: self.instances[name] for name in SERVICES}
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -159,13 +230,37 @@ class Stack:
         self._ensure(self.search.process, self.search.healthy, self.search.start, log)
         if self.apply_source_quotas():
             log(f"kafka: source quotas set to {self.source_byte_rate} bytes/s each")
+        self.record_instances()
         self.write_env()
-        for name, service in self.services.items():
+        for name, service in self.instances.items():
             self._ensure(service.process, service.healthy, lambda n=name: self.start_service(n), log)
+        # Fewer instances than last time: stop the ones no longer wanted (scale in).
+        for process in self._surplus_instances():
+            process.stop()
+            log(f"{process.name}: stopped (not among the {len(self.instances)} instances wanted)")
         log(f"stack up in {time.monotonic() - started:.1f}s")
 
+    def record_instances(self) -> None:
+        """Keep the instance counts in stack.json, for a Stack made later without them."""
+        if self.state.instances != self.counts:
+            self.state.instances = dict(self.counts)
+            self._save_state(self.state)
+
+    def _surplus_instances(self) -> list[ManagedProcess]:
+        """Running instances of our services beyond the counts this stack has (an `up` with
+        a smaller count than before): found by their pid files."""
+        found = []
+        for pid_file in sorted((self.root / "run").glob("*.pid")):
+            name = pid_file.stem
+            service, _, n = name.rpartition("-")
+            if service in SERVICES and n.isdigit() and name not in self.instances:
+                process = ManagedProcess(name, self.root / "run", self.root / "logs")
+                if process.running():
+                    found.append(process)
+        return found
+
     def down(self, log=print) -> None:  # type: ignore[no-untyped-def]
-        processes = [s.process for s in reversed(self.services.values())]
+        processes = [*self._surplus_instances(), *(s.process for s in reversed(self.instances.values()))]
         servers = [
             self.search.process,
             self.s3.process,
@@ -184,8 +279,11 @@ class Stack:
         log(f"removed {self.root}")
 
     def start_service(self, name: str) -> None:
-        """Start one pipeline service with its identity (also used to restart after a kill)."""
-        self.services[name].start({**self.env(), **self.service_env, "PIPELINE_IDENTITY": SERVICES[name]})
+        """Start one instance of a pipeline service (`ingester`, `ingester-2`, ...) with its
+        service's identity; also used to wait for its restart after a kill."""
+        instance = self.instances[name]
+        identity = SERVICES[instance.service]
+        instance.start({**self.env(), **self.service_env, "PIPELINE_IDENTITY": identity})
 
     @staticmethod
     def _ensure(
@@ -252,9 +350,12 @@ class Stack:
         wanted = [t for t in (specs or all_topics()) if t.name not in existing]
         if not wanted:
             return []
+        # Replication is the cluster's (-1: the broker's default.replication.factor; its
+        # min.insync.replicas applies too): 1 on this one-node broker, e.g. 3 (and 2 in sync)
+        # on a cluster, without a change here.
         futures = admin.create_topics(
             [
-                NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, config=t.config)
+                NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config)
                 for t in wanted
             ],
             operation_timeout=30,
@@ -400,9 +501,14 @@ class Stack:
             "PIPELINE_S3_ACCESS_KEY": self.state.s3_access_key,
             "PIPELINE_S3_SECRET_KEY": self.state.s3_secret_key,
             "PIPELINE_ES_URL": self.search.url,
-            # Where each service answers /healthz, /readyz and /metrics (pipectl status).
-            **{f"PIPELINE_{name.upper()}_URL": service.url for name, service in self.services.items()},
+            # Where each service answers /healthz, /readyz and /metrics (pipectl status): a
+            # comma-separated list with one URL per instance, the first instance's first.
+            **{f"PIPELINE_{name.upper()}_URL": ",".join(self.urls(name)) for name in SERVICES},
         }
+
+    def urls(self, service: str) -> list[str]:
+        """Each instance's health/metrics URL, in instance order."""
+        return [i.url for i in self.instances.values() if i.service == service]
 
     def write_env(self) -> None:
         lines = [f"export {k}='{v}'" for k, v in self.env().items()]
@@ -418,7 +524,7 @@ class Stack:
             ("kafka", self.kafka.process, self.kafka_healthy, f"{self.kafka.bootstrap} (mTLS)"),
             ("s3", self.s3.process, self.s3.healthy, self.s3.endpoint),
             ("elasticsearch", self.search.process, self.search.healthy, self.search.url),
-            *((s.name, s.process, s.ready, s.url) for s in self.services.values()),
+            *((s.name, s.process, s.ready, s.url) for s in self.instances.values()),
         ):
             pid = process.pid
             state = "stopped" if pid is None else ("healthy" if healthy() else "unhealthy")
@@ -427,7 +533,8 @@ class Stack:
 
 
 def free_ports(names: tuple[str, ...] = tuple(DEFAULT_PORTS)) -> dict[str, int]:
-    """Ports the OS has just handed out: for stacks that must not collide (tests)."""
+    """Ports the OS has just handed out: for stacks that must not collide (tests). For more
+    than one instance of a service, add their names: (*DEFAULT_PORTS, "ingester-2", ...)."""
     sockets = []
     for _ in names:
         s = socket.socket()

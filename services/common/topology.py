@@ -58,6 +58,13 @@ def instance_id(stage: str, instance: str) -> str:
     return f"{GROUP_PREFIX}{stage}-{instance}"
 
 
+def instance_name(service: str, n: int) -> str:
+    """The n-th instance (from 1) of a service where several run side by side: `ingester`,
+    then `ingester-2`, ... (the native stack's processes and their files, pipectl status's
+    rows). The first keeps the service's name, as when only one runs."""
+    return service if n == 1 else f"{service}-{n}"
+
+
 def operator_group(purpose: str) -> str:
     return OPERATOR_GROUP_PREFIX + purpose
 

@@ -6,28 +6,36 @@ their own topics, roles and ids.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-from deploy.local.stack import Stack, free_ports
+from deploy.local.stack import DEFAULT_PORTS, SERVICES, Stack, free_ports, instance_names
 
 # Short broker-side decision cache, so runtime policy changes show within a second or two.
 TEST_AUTHZ_CACHE_SECONDS = 1
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    root = Path(tempfile.mkdtemp(prefix="pipeline-test-stack-"))
+@contextlib.contextmanager
+def running_stack(
+    prefix: str = "pipeline-test-stack-", instances: Mapping[str, int] | None = None
+) -> Iterator[Stack]:
+    """A stack of its own in a temporary directory on free ports, up until the block ends.
+    instances: how many of each service; one each unless given (not PIPELINE_*_INSTANCES
+    from the environment: the tests count on what they asked for)."""
+    counts = {service: (instances or {}).get(service, 1) for service in SERVICES}
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     test_stack = Stack(
         root,
-        ports=free_ports(),
+        ports=free_ports(tuple(dict.fromkeys([*DEFAULT_PORTS, *instance_names(counts)]))),
         authz_cache_seconds=TEST_AUTHZ_CACHE_SECONDS,
         service_env={"PIPELINE_LAKE_FLUSH_SECONDS": "2"},  # tests should not wait for the lake
+        instances=counts,
     )
     try:
         test_stack.up(log=lambda line: print(f"[stack] {line}"))
@@ -38,3 +46,9 @@ def stack() -> Iterator[Stack]:
             print(f"[stack] kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    with running_stack() as test_stack:
+        yield test_stack

@@ -144,8 +144,9 @@ class TopicReader:
 
 
 def metric(stack: Stack, service: str, name: str, **labels: str) -> float:
-    """The current value of one Prometheus sample of a service (0 when not yet exported)."""
-    text = httpx.get(f"{stack.services[service].url}/metrics", timeout=5).text
+    """The current value of one Prometheus sample of a service (0 when not yet exported);
+    `service` may name any instance of it (`ingester-2`: stack.instances)."""
+    text = httpx.get(f"{stack.instances[service].url}/metrics", timeout=5).text
     for line in text.splitlines():
         match = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
         if not match or match.group(1) != name:

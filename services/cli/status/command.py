@@ -23,7 +23,6 @@ from services.cli.status.config import (
     DOCUMENTS,
     OBJECTS,
     ROWS,
-    SERVICES,
     StatusSettings,
 )
 from services.cli.status.probes import (
@@ -55,10 +54,10 @@ class Collector:
 
     async def collect(self) -> Report:
         settings = self.settings
+        # One check and one rate row per instance of each service.
+        instances = settings.instance_urls()
         async with httpx.AsyncClient(timeout=CHECK_TIMEOUT_S) as client:
-            services = asyncio.gather(
-                *(probe_service(client, name, settings.service_url(name)) for name in SERVICES)
-            )
+            services = asyncio.gather(*(probe_service(client, name, url) for name, url in instances.items()))
             (
                 service_results,
                 opa,
@@ -86,7 +85,7 @@ class Collector:
                     lambda e: (Check("elasticsearch", False, e), StoreCount("search", DOCUMENTS, skipped=e)),
                 ),
             )
-            rates = await self._rates(client, dict(zip(SERVICES, service_results, strict=True)))
+            rates = await self._rates(client, dict(zip(instances, service_results, strict=True)))
         return Report(
             checked_at=datetime.now(UTC),
             components=[

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 
 from services.cli.settings import CliSettings
-from services.common.topology import INGESTER, RAW_PREFIX, STAGE_INPUTS, STAGES, group_id, operator_group
+from services.common.topology import (
+    INGESTER,
+    RAW_PREFIX,
+    STAGE_INPUTS,
+    STAGES,
+    group_id,
+    instance_name,
+    operator_group,
+)
 
 # A component that has not answered in this long is reported as down: status must answer
 # fast precisely when something is broken.
@@ -22,6 +30,9 @@ DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WATCH_S = 5.0
 
 SERVICES = ("ingester", "processor", "storage")
+# PIPELINE_<SERVICE>_URL: one URL, or one per instance where several run side by side,
+# comma-separated (the native stack writes them in instance order: ingester, ingester-2, ...).
+URLS = r"^https?://[^,\s]+(\s*,\s*https?://[^,\s]+)*$"
 # The ingester reads every source's raw topic (a pattern subscription): its lag is the sum
 # over them, shown per topic with -v. RAW_TOPICS stands for them wherever a topic is named.
 RAW_TOPICS = RAW_PREFIX + "*"
@@ -45,12 +56,21 @@ class StatusSettings(CliSettings):
     s3_access_key: str = Field(min_length=1)
     s3_secret_key: SecretStr
     es_url: str = Field(pattern=r"^https?://")
-    ingester_url: str = Field(pattern=r"^https?://")
-    processor_url: str = Field(pattern=r"^https?://")
-    storage_url: str = Field(pattern=r"^https?://")
+    ingester_url: str = Field(pattern=URLS)
+    processor_url: str = Field(pattern=URLS)
+    storage_url: str = Field(pattern=URLS)
     # The native stack's directory: where each service's supervisor keeps its state.
     stack_dir: str | None = None
 
+    def instance_urls(self) -> dict[str, str]:
+        """Every instance of every service by instance name (`ingester`, `ingester-2`, ...,
+        as the native stack names their processes and supervisor state), with its URL."""
+        return {
+            instance_name(service, n): url.strip().rstrip("/")
+            for service in SERVICES
+            for n, url in enumerate(getattr(self, f"{service}_url").split(","), start=1)
+        }
+
     def service_url(self, name: str) -> str:
-        url: str = getattr(self, f"{name}_url")
-        return url.rstrip("/")
+        """The URL of one instance, by its instance name (a service's name: its first)."""
+        return self.instance_urls()[name]

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from services.cli.status.config import SERVICES
 from services.cli.status.lag import GroupLag
 from services.cli.status.rates import ServiceRates
 from services.cli.status.report import Check, Report
@@ -160,7 +161,9 @@ def render(report: Report, verbose: bool = False) -> str:
         elif not r.stages:
             lines.append(f"  {r.service:<41} {'no records yet':>25}")
         for st in r.stages:
-            lines.append(f"  {st.stage:<41} {st.in_per_s:>12.1f} {st.out_per_s:>12.1f}")
+            # A further instance's rows name it: each instance counts only its own partitions.
+            label = st.stage if r.service in SERVICES else f"{st.stage} ({r.service})"
+            lines.append(f"  {label:<41} {st.in_per_s:>12.1f} {st.out_per_s:>12.1f}")
             if verbose:
                 for topic, per_s in st.out_per_s_by_topic.items():
                     lines.append(f"  {'  to ' + topic:<41} {'':>12} {per_s:>12.1f}")
