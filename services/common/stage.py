@@ -107,6 +107,10 @@ class TransactionalStage:
         self.assigned: list[TopicPartition] = []
         self._idle = threading.Event()  # no transaction in flight
         self._idle.set()
+        # Revokes so far. A batch read before a revoke is no longer ours to commit: its
+        # partitions went to their next owner (maybe us again), who reads from the committed
+        # offset, so committing it too would write its outputs twice.
+        self._revocations = 0
 
     async def run(self) -> None:
         name = self.config.name
@@ -130,6 +134,7 @@ class TransactionalStage:
                     await self._settle(in_flight, [])
                     in_flight = None
                     continue
+                revocations = self._revocations
                 started = time.monotonic()
                 try:
                     async with consumer_kept_alive(self.consumer):
@@ -141,6 +146,11 @@ class TransactionalStage:
                     in_flight = None
                     if not committed:
                         continue  # the previous batch was aborted: both are read again
+                if self._revocations != revocations:
+                    # A rebalance served while the transform waited (consumer_kept_alive).
+                    log.info("partitions revoked under a batch; it is read again", extra={"stage": name})
+                    self._rewind(batch)
+                    continue
                 # Cleared here, not in the task: the next consume() may serve a revoke in its
                 # thread before the task first runs, and that revoke must wait for this commit.
                 self._idle.clear()
@@ -267,6 +277,7 @@ class TransactionalStage:
         if not self._idle.wait(120):
             log.warning("revoking partitions with a transaction still in flight")
         self.assigned = []
+        self._revocations += 1
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
 
 

@@ -190,3 +190,29 @@ def test_partitions_revoked_during_a_commit_are_given_up_only_after_it() -> None
     assert events == ["commit", "revoked"]
     assert [t.offsets for t in producer.committed] == [[(IN, 0, 2)]]
     assert stage.assigned == []
+
+
+def test_a_batch_whose_partitions_were_revoked_while_it_was_transformed_is_read_again_not_committed() -> None:
+    # consumer_kept_alive serves rebalances while a transform waits (for OPA, PostgreSQL):
+    # the partitions go and come back, and the batch in hand is no longer ours to commit.
+    producer = FakeProducer()
+    run = Run({(IN, 0): partition_log(IN, 0, [b"a0", b"a1", b"bad2", b"a3"])}, producer, batch_size=2)
+    rebalanced = False
+
+    async def rebalance_under_the_first_batch(batch: list[FakeMessage]) -> BatchOutcome:
+        nonlocal rebalanced
+        run.batches.append([m.value() for m in batch])
+        if not rebalanced:
+            rebalanced = True
+            partitions = list(run.consumer.assigned)
+            run.consumer.revoke(partitions)
+            run.consumer.assign(partitions)
+        return await transform(batch)
+
+    run._transform = rebalance_under_the_first_batch  # type: ignore[method-assign]
+    run.run()
+
+    assert run.batches == [[b"a0", b"a1"], [b"a0", b"a1"], [b"bad2", b"a3"]]
+    committed = [value for t in producer.committed for value in values(t.records)]
+    assert committed == [b"a0", b"a1", b"bad2", b"a3"]  # each once
+    assert [t.offsets for t in producer.committed] == [[(IN, 0, 2)], [(IN, 0, 4)]]
