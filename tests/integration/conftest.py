@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local.stack import DEFAULT_PORTS, SERVICES, Stack, free_ports, instance_names
+from tests.integration.kafka_helpers import eventually
 
 # Short broker-side decision cache, so runtime policy changes show within a second or two.
 TEST_AUTHZ_CACHE_SECONDS = 1
@@ -52,3 +53,19 @@ def running_stack(
 def stack() -> Iterator[Stack]:
     with running_stack() as test_stack:
         yield test_stack
+
+
+@pytest.fixture(autouse=True)
+def services_ready_first(request: pytest.FixtureRequest) -> None:
+    """A test on the shared stack starts once every service is ready: one that an earlier
+    test's outage made restart (a broker restart can leave a client wedged, and the
+    service exits for its supervisor to start it again) would otherwise refuse the test's
+    first /metrics read, and the test would fail on its predecessor's account."""
+    if "stack" not in request.fixturenames:
+        return
+    shared: Stack = request.getfixturevalue("stack")
+    eventually(
+        lambda: all(service.ready() for service in shared.instances.values()),
+        240,
+        "every service ready before the test",
+    )
