@@ -99,7 +99,7 @@ def test_healthy_on_loopback_as_its_own_user(server: SearchServer) -> None:
     assert info["version"] == ES_VERSION
     assert info["settings"]["discovery"]["type"] == "single-node"
     assert info["http"]["bound_address"] == [f"127.0.0.1:{server.port}"]
-    assert info["jvm"]["mem"]["heap_max_in_bytes"] == 512 * 1024 * 1024
+    assert info["jvm"]["mem"]["heap_max_in_bytes"] == 1024 * 1024 * 1024  # our jvm.options, applied
     pid = server.process.pid
     assert pid is not None
     uid = int(re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[1])  # type: ignore[index]
