@@ -21,6 +21,7 @@ from typing import Any
 
 from confluent_kafka import TIMESTAMP_CREATE_TIME
 
+from scripts.benchlib import cpu_us_per_event
 from services.cli.generate import SOURCE_EVENT_TYPES, generate_events
 from services.common.avro import SchemaStore, micros
 from services.common.dependencies import DependencyWaiter
@@ -119,16 +120,6 @@ def make_ingester() -> Ingester:
     return ingester
 
 
-def cpu_us(work: Callable[[], object], events: int, repeat: int) -> float:
-    """The least CPU time of `repeat` runs of work, in µs per event (the least is the least perturbed)."""
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.process_time()
-        work()
-        best = min(best, time.process_time() - started)
-    return best / events * 1e6
-
-
 def steps(n: int, repeat: int) -> None:
     batch = messages(n)
     ingester = make_ingester()
@@ -152,7 +143,7 @@ def steps(n: int, repeat: int) -> None:
         ("transform (all events)", lambda: asyncio.run(transform_fresh(ingester, batch)), n),
     ]
     for name, work, count in rows:
-        print(f"  {name:<26} {cpu_us(work, count, repeat):8.2f}")
+        print(f"  {name:<26} {cpu_us_per_event(work, count, repeat):8.2f}")
 
 
 async def transform_fresh(ingester: Ingester, batch: list[Message], size: int = 2000) -> None:

@@ -18,14 +18,13 @@ import argparse
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import orjson
 
+from scripts.benchlib import cpu_us_per_event
 from services.cli.generate import generate_events
 from services.common.avro import AvroSerde, SchemaStore, micros
 from services.common.policy_input import case_of, policy_header
@@ -87,16 +86,6 @@ def processed_messages(n: int, store: SchemaStore) -> list[Message]:
         value = processed.encode(record)
         messages.append(Message(0, len(messages), value, [policy_header(record)]))
     return messages
-
-
-def cpu_us_per_event(work: Callable[[], Any], events: int, repeat: int = 5) -> float:
-    """The best of `repeat` runs: the least perturbed by the other load on the machine."""
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.process_time()
-        work()
-        best = min(best, time.process_time() - started)
-    return best / events * 1e6
 
 
 # The alternative to the sink's staging table, measured against it.
