@@ -63,6 +63,7 @@ from confluent_kafka import Consumer, TopicPartition
 from deploy.local.stack import Stack
 from scripts.benchlib import (
     BASELINE_RAW,
+    BENCH_GROUP,
     OPERATOR,
     QUIET,
     REPO,
@@ -84,20 +85,35 @@ from scripts.benchlib import (
     tree_cpu_seconds,
 )
 from services.cli.generate import GeneratedEvent, generate_events
-from services.common.topology import ANALYTICS, PROCESSED, VALIDATED, raw_topic
+from services.common.topology import (
+    ANALYTICS,
+    CONSUMER_LAG_METRIC,
+    INGESTER,
+    PROCESSED,
+    PROCESSOR,
+    RECORDS_IN_METRIC,
+    RECORDS_OUT_METRIC,
+    VALIDATED,
+    group_id,
+    instance_id,
+    raw_topic,
+    sink_stage,
+)
 
 # Generated kinds the pipeline stores in PostgreSQL (the others are dead-lettered, dropped as
 # duplicates or filtered by rule): see services/cli/generate.py.
 STORED_KINDS = {"valid", "unknown_user"}
+# The PostgreSQL sink's rows written, as the sampler keys records out ("<stage>><to>").
+POSTGRES_WRITTEN = f"{sink_stage('postgres')}>postgres"
 # The baseline's hops: the pipeline's own three, with the identity, group and transactional
 # id prefix each may use under the broker's ACLs (opa/data.json).
 HOPS = (
     {"hop": "raw->validated", "identity": "service-ingester", "input": BASELINE_RAW, "output": VALIDATED,
-     "group": "pipeline-ingester", "transactional_id": "pipeline-ingester-bench", "stage": "ingester"},
+     "group": group_id(INGESTER), "transactional_id": instance_id(INGESTER, "bench"), "stage": "ingester"},
     {"hop": "validated->processed", "identity": "service-processor", "input": VALIDATED, "output": PROCESSED,
-     "group": "pipeline-processor", "transactional_id": "pipeline-processor-bench", "stage": "processor"},
+     "group": group_id(PROCESSOR), "transactional_id": instance_id(PROCESSOR, "bench"), "stage": "processor"},
     {"hop": "processed->analytics", "identity": "service-storage", "input": PROCESSED, "output": ANALYTICS,
-     "group": "pipeline-storage-bench", "transactional_id": "pipeline-storage-bench", "stage": "storage-analytics"},
+     "group": group_id(sink_stage("bench")), "transactional_id": instance_id(sink_stage("analytics"), "bench"), "stage": "storage-analytics"},
 )  # fmt: skip
 # The per-process CPU accounting's two entries that are not a process of the stack: this
 # benchmark's own process, and what the machine was busy with beyond all processes counted.
@@ -180,7 +196,7 @@ class Sampler(threading.Thread):
         self.lock = threading.Lock()
 
     def run(self) -> None:
-        raw = Consumer(self.stack.client_config(OPERATOR, **QUIET, **{"group.id": "pipectl-bench"}))
+        raw = Consumer(self.stack.client_config(OPERATOR, **QUIET, **{"group.id": BENCH_GROUP}))
         partitions = [
             TopicPartition(t, p)
             for t in raw_topics()
@@ -213,11 +229,11 @@ class Sampler(threading.Thread):
                 continue  # not up (yet), or stopped
             sample["at"][service], metrics = got
             for name, labels, value in metrics:
-                if name == "pipeline_records_in_total":
+                if name == RECORDS_IN_METRIC:
                     sample["in"][labels["stage"]] = value
-                elif name == "pipeline_records_out_total":
+                elif name == RECORDS_OUT_METRIC:
                     sample["out"][f"{labels['stage']}>{labels['topic']}"] = value
-                elif name == "pipeline_consumer_lag":
+                elif name == CONSUMER_LAG_METRIC:
                     group = labels["group"]
                     sample["lag_metric"][group] = sample["lag_metric"].get(group, 0) + value
         for stage, (group, source) in GROUPS.items():
@@ -335,7 +351,7 @@ class Pipeline:
         ids = stored_ids(events)
         (cpu_before, everyone_before), machine_before = self.cpu_now(), machine_cpu_seconds()
         t_before = time.monotonic()
-        written_before = self.sampler.latest()["out"].get("storage-postgres>postgres", 0)
+        written_before = self.sampler.latest()["out"].get(POSTGRES_WRITTEN, 0)
         begin = time.time() - self.t0
         pace = f"at {rate:,.0f}/s" if rate else "at full speed"
         print(
@@ -414,7 +430,7 @@ class Pipeline:
         deadline = since + self.timeout
         asked = time.time()
         while time.time() < deadline:
-            written = self.sampler.latest()["out"].get("storage-postgres>postgres", 0) - written_before
+            written = self.sampler.latest()["out"].get(POSTGRES_WRITTEN, 0) - written_before
             # Ask once a second once the counter says all are written, else every 10 s.
             if time.time() - asked >= (1 if written >= len(ids) else 10):
                 asked = time.time()

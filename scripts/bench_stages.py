@@ -23,7 +23,7 @@ from scripts.benchlib import (
     tree_cpu_seconds,
 )
 from services.cli.generate import generate_events
-from services.common.topology import raw_topic
+from services.common.topology import PROCESSED, RECORDS_IN_METRIC, RECORDS_OUT_METRIC, VALIDATED, raw_topic
 
 
 def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: int) -> list[dict[str, float]]:
@@ -36,7 +36,7 @@ def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: i
     done_at: dict[str, float] = {}
     while len(done_at) < len(stages):
         for stage in stages:
-            seen = metric(stack, service, "pipeline_records_in_total", stage=stage)
+            seen = metric(stack, service, RECORDS_IN_METRIC, stage=stage)
             if seen and first is None:
                 first, cpu_first = time.monotonic(), tree_cpu_seconds(pid)
             if seen >= expected and stage not in done_at:
@@ -72,9 +72,9 @@ def main() -> None:
         )
         print(f"produced {produced.count} events in {produced.finished - produced.started:.1f}s")
         results = run_service(stack, "ingester", ("ingester",), len(events))
-        validated = int(metric(stack, "ingester", "pipeline_records_out_total", topic="pipeline.validated"))
+        validated = int(metric(stack, "ingester", RECORDS_OUT_METRIC, topic=VALIDATED))
         results += run_service(stack, "processor", ("processor",), validated)
-        processed = int(metric(stack, "processor", "pipeline_records_out_total", topic="pipeline.processed"))
+        processed = int(metric(stack, "processor", RECORDS_OUT_METRIC, topic=PROCESSED))
         results += run_service(stack, "storage", SINKS, processed)
         print(
             table(

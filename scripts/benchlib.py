@@ -25,16 +25,18 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local.stack import SERVICES, Stack, free_ports
-from services.common.topology import configured_sources, raw_topic
+from services.common.topology import STORAGE_STAGES, configured_sources, operator_group, raw_topic
 
 REPO = Path(__file__).resolve().parents[1]
-SINKS = ("storage-postgres", "storage-lake", "storage-search", "storage-analytics")
+SINKS = STORAGE_STAGES
 # Every stage, in pipeline order, with the service (process) that runs it.
 STAGES = {"ingester": "ingester", "processor": "processor", **dict.fromkeys(SINKS, "storage")}
 # The operator identity may write every source's raw topic and has no client quota (the
 # source-* identities are held to 32 MiB/s each), so it measures the pipeline rather than
 # the quota.
 OPERATOR = "operator-cli"
+# The operator may read only pipectl-* groups; the benchmark assigns partitions itself.
+BENCH_GROUP = operator_group("bench")
 # The pass-through baseline's input: one raw topic is enough for a hop that does no work.
 BASELINE_RAW = raw_topic("web")
 
@@ -281,7 +283,7 @@ def produce(
 
 def end_offsets(stack: Stack, topic: str) -> dict[int, int]:
     """The high watermark of each partition of `topic` (read as the operator identity)."""
-    consumer = Consumer(stack.client_config(OPERATOR, **QUIET, **{"group.id": "pipectl-bench"}))
+    consumer = Consumer(stack.client_config(OPERATOR, **QUIET, **{"group.id": BENCH_GROUP}))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return {
