@@ -103,6 +103,7 @@ class Ingester:
         outcome = BatchOutcome()
         events: list[Admitted] = []
         now = datetime.now(UTC)
+        now_us = micros(now)
         for message in batch:
             source = _source_of(message.topic() or "")
             checked = check(message.value(), self.limits, now)
@@ -147,7 +148,7 @@ class Ingester:
         limit = EVENT_RECORD_BYTES - RECORD_OVERHEAD_BYTES
         encoded: list[tuple[Admitted, bytes]] = []
         for admitted, value in zip(
-            allowed, self.validated.encode_batch([self._validated(a, micros(now)) for a in allowed]), strict=True
+            allowed, self.validated.encode_batch([self._validated(a, now_us) for a in allowed]), strict=True
         ):
             if len(value) <= limit:
                 encoded.append((admitted, value))
