@@ -22,9 +22,12 @@ from services.common.topology import POLICY_INPUT_HEADER
 PolicyCase = tuple[str, str, tuple[str, ...]]  # type, source, sorted top-level property names
 POLICY_FIELDS = ("type", "source", "property_keys")
 # Parsed headers by their bytes: a batch holds a few dozen distinct cases, so each is
-# parsed once. Bounded, as the values come from outside the process.
+# parsed once. Bounded in entries and in bytes held (a header lists up to 1000 property
+# names of up to 256 bytes each), as the values come from outside the process.
 _PARSED: dict[bytes, PolicyCase | None] = {}
 _PARSED_MAX = 10_000
+_PARSED_MAX_BYTES = 16 * 1024 * 1024
+_parsed_bytes = 0
 
 
 def property_keys(record: dict[str, Any]) -> tuple[str, ...]:
@@ -63,6 +66,7 @@ def case_from_headers(message: Message) -> PolicyCase | None:
 
 
 def _parse(value: bytes) -> PolicyCase | None:
+    global _parsed_bytes
     case: PolicyCase | None = None
     try:
         fields = orjson.loads(value)
@@ -77,7 +81,9 @@ def _parse(value: bytes) -> PolicyCase | None:
             and all(isinstance(k, str) for k in keys)
         ):
             case = (kind, source, tuple(keys))
-    if len(_PARSED) >= _PARSED_MAX:
+    if len(_PARSED) >= _PARSED_MAX or _parsed_bytes + len(value) > _PARSED_MAX_BYTES:
         _PARSED.clear()
+        _parsed_bytes = 0
     _PARSED[value] = case
+    _parsed_bytes += len(value)
     return case

@@ -148,3 +148,15 @@ def test_analytics_refuses_garbage_with_or_without_the_header() -> None:
     ]
     assert [r.value for r in outcome.records if r.topic == ANALYTICS] == [batch[4].value()]
     assert outcome.dead_letters["poison"] == 4
+
+
+def test_the_cache_of_parsed_headers_stays_bounded_in_bytes() -> None:
+    from services.common import policy_input
+
+    keys = [f"k{i:03d}" + "x" * 250 for i in range(1000)]  # the largest header validation allows
+    for n in range(200):  # ~50 MiB of distinct headers
+        header = orjson.dumps({"type": f"t{n}", "source": "web", "property_keys": keys})
+        message = FakeMessage(PROCESSED, 0, n, b"", headers=[(POLICY_INPUT_HEADER, header)])
+        assert case_from_headers(message) == (f"t{n}", "web", tuple(keys))
+        assert policy_input._parsed_bytes <= policy_input._PARSED_MAX_BYTES
+    assert sum(map(len, policy_input._PARSED)) == policy_input._parsed_bytes
