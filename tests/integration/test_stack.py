@@ -125,3 +125,22 @@ def test_demo_reports_where_every_event_went_and_the_counts_add_up(stack: Stack,
     assert "300 in =" in out and "(DOES NOT ADD UP)" not in out
     for sink in ("postgres", "lake", "search", "analytics"):
         assert f"storage-{sink}" in out
+
+
+def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(stack: Stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Cluster ids are random base64url: one in 64 starts with "-", which the storage tool
+    # once took for an option, and that `make up` failed.
+    from deploy.local.components import KafkaBroker
+    from deploy.local.stack import BROKER_ID, TD
+    from services.common.identity import identity_name
+
+    broker = KafkaBroker(tmp_path, port=1, controller_port=2)  # formatted only, never started
+    broker.configure(
+        broker_identity_dir=stack.identity_dir / identity_name(BROKER_ID),
+        broker_id=BROKER_ID,
+        trust_domain=TD,
+        opa_url=stack.opa.url,
+        authz_cache_seconds=1,
+    )
+    broker.format_storage("-7N0lY9aTq-7Eg7U3Zwnzw")
+    assert "cluster.id=-7N0lY9aTq-7Eg7U3Zwnzw" in (broker.data_dir / "meta.properties").read_text()
