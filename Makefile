@@ -15,7 +15,7 @@ ES_VERSION := 8.19.21
 ES_UNPACKED := deploy/local/elasticsearch/target/elasticsearch-$(ES_VERSION)/.unpacked
 # S3Proxy and its runtime classpath (deploy/local/s3/pom.xml), kept apart from Kafka's jars.
 S3_LIB := deploy/local/s3/target/lib/.complete
-# SPIRE (issue 10: not yet part of the stack) from the wrapper module deploy/local/spire,
+# SPIRE (the stack's identities: deploy/local/spire_stack.py) from the wrapper module deploy/local/spire,
 # whose go.mod pins spire-server and spire-agent as tools (`go install module@version` is
 # refused for SPIRE here). `make spire` builds both into the cache.
 SPIRE_VERSION := v1.13.3
@@ -32,7 +32,7 @@ help:
 	@echo "make bench   end-to-end benchmark on its own stack; BENCH_ARGS=\"--events 50000\" (see scripts/bench.py)"
 
 # Everything the stack and the tests need, installed once and reused afterwards.
-deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN) $(ES_UNPACKED) $(S3_LIB)
+deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN) $(ES_UNPACKED) $(S3_LIB) $(SPIRE_BIN)/spire-server
 
 system-deps:
 	@scripts/install-system-deps.sh

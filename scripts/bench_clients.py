@@ -225,7 +225,7 @@ class Meter:
 
 class ClientEnv:
     """What a measurement needs of the stack, handed to the child process as plain data by the
-    parent (from Stack.client_config and the SVID paths), so that a child imports nothing from
+    parent (from Stack.client_config and the SVIDs as PEM), so that a child imports nothing from
     the repository, whose working tree others may be editing while the benchmark runs."""
 
     def __init__(self, data: dict[str, Any]):
@@ -239,9 +239,9 @@ class ClientEnv:
             identity = stack.identity(name)
             identities[name] = {
                 "config": stack.client_config(name),
-                "svid": str(identity.svid_path),
-                "key": str(identity.key_path),
-                "bundle": str(identity.bundle_path),
+                "svid": identity.cert_chain_pem.decode(),
+                "key": identity.key_pem.decode(),
+                "bundle": identity.bundle_pem.decode(),
             }
         return {"bootstrap": stack.kafka.bootstrap, "identities": identities}
 
@@ -252,8 +252,12 @@ class ClientEnv:
     def ssl_context(self, name: str) -> ssl.SSLContext:
         """aiokafka's TLS context, built as X509Identity.ssl_context() builds it."""
         identity = self.identities[name]
-        context = ssl.create_default_context(cafile=identity["bundle"])
-        context.load_cert_chain(identity["svid"], identity["key"])
+        context = ssl.create_default_context(cadata=identity["bundle"])
+        with tempfile.TemporaryDirectory() as tmp:  # private (0700), gone afterwards
+            svid, key = Path(tmp, "svid.pem"), Path(tmp, "key.pem")
+            svid.write_text(identity["svid"])
+            key.write_text(identity["key"])
+            context.load_cert_chain(svid, key)
         return context
 
 

@@ -14,6 +14,17 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
 fi
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 
+# As root, the stack runs each service as its own system user (SPIRE tells workloads apart by
+# uid): those users must reach the Python interpreter, which may live under root's private
+# home (pyenv). Let others traverse (not list) each directory above it.
+if [ "$(id -u)" = 0 ] && command -v python3 >/dev/null; then
+  dir=$(dirname "$(readlink -f "$(command -v python3)")")
+  while [ "$dir" != / ]; do
+    [ -n "$(find "$dir" -maxdepth 0 -perm -o+x)" ] || chmod o+x "$dir"
+    dir=$(dirname "$dir")
+  done
+fi
+
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -9,14 +9,17 @@ import signal
 import string
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from deploy.local import tools
+from deploy.local.os_users import as_user, ensure_system_user, own_tree
 from deploy.local.processes import ManagedProcess, StackError, alive, wait_until
 from services.common.health import supervisor_state_file
+from services.common.identity import X509Identity
 
 START_TIMEOUT = 120.0
 
@@ -162,54 +165,51 @@ class PostgresServer:
 
 
 class KafkaBroker:
-    """Single-node KRaft Kafka: SSL-only listeners, SPIFFE principals, OPA authorization."""
+    """Single-node KRaft Kafka: SSL-only listeners, SPIFFE principals, OPA authorization.
+
+    It runs as its own system user (deploy/local/os_users.py), which owns its data, and takes
+    its SVID from the SPIFFE Workload API (deploy/local/kafka/server.properties)."""
 
     TEMPLATE = tools.LOCAL / "kafka" / "server.properties"
     LOG4J = tools.LOCAL / "kafka" / "log4j.properties"
+    USER = "pipeline-kafka"
 
     def __init__(self, root: Path, port: int, controller_port: int):
         self.port = port
         self.controller_port = controller_port
-        self.bootstrap = f"127.0.0.1:{port}"
+        # The name the broker's SVID carries (SPIRE issues DNS names, not IP addresses).
+        self.bootstrap = f"localhost:{port}"
         self.dir = root / "kafka"
         self.data_dir = self.dir / "data"
         self.config_file = self.dir / "server.properties"
-        self.keystore = self.dir / "keystore.pem"
         self.process = ManagedProcess("kafka", root / "run", root / "logs")
 
-    def configure(
-        self,
-        *,
-        broker_identity_dir: Path,
-        broker_id: str,
-        trust_domain: str,
-        opa_url: str,
-        authz_cache_seconds: int,
-    ) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # Kafka's PEM key store wants the private key and its certificate chain in one file.
-        _write_private(
-            self.keystore,
-            (broker_identity_dir / "key.pem").read_bytes() + (broker_identity_dir / "svid.pem").read_bytes(),
-        )
+    @property
+    def user(self) -> pwd.struct_passwd | None:
+        return ensure_system_user(self.USER, "pipeline Kafka broker (native stack)")
+
+    def configure(self, *, broker_id: str, trust_domain: str, opa_url: str, authz_cache_seconds: int) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         properties = string.Template(self.TEMPLATE.read_text()).substitute(
             controller_port=self.controller_port,
             client_port=self.port,
             data_dir=self.data_dir,
-            keystore=self.keystore,
-            bundle=broker_identity_dir / "bundle.pem",
             trust_domain=trust_domain,
             opa_url=opa_url,
             authz_cache_seconds=authz_cache_seconds,
             broker_id=broker_id,
         )
         self.config_file.write_text(properties)
+        # Its segments and metadata are the broker's alone.
+        own_tree(self.dir, self.user)
+        self.dir.chmod(0o700)
 
     def format_storage(self, cluster_id: str) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
         result = subprocess.run(
             [
+                *as_user(self.user),
                 *self._java(),
                 "kafka.tools.StorageTool",
                 "format",
@@ -226,8 +226,13 @@ class KafkaBroker:
         if result.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
 
-    def start(self, healthy: callable) -> None:  # type: ignore[valid-type]
-        self.process.start([*self._java(heap=True), "kafka.Kafka", str(self.config_file)])
+    def start(self, healthy: callable, spiffe_endpoint: str) -> None:  # type: ignore[valid-type]
+        # acceptAll: any SPIFFE ID of the trust domain may connect; OPA decides what it may do.
+        java = [*self._java(heap=True), "-Dssl.spiffe.acceptAll=true"]
+        self.process.start(
+            [*as_user(self.user), *java, "kafka.Kafka", str(self.config_file)],
+            env={"SPIFFE_ENDPOINT_SOCKET": spiffe_endpoint},
+        )
 
         def up_or_exited() -> bool:
             if self.process.exited():
@@ -242,21 +247,25 @@ class KafkaBroker:
             interval=1.0,
         )
 
-    def run_tool(self, main_class: str, identity_dir: Path, args: list[str]) -> str:
-        """Run a Java admin tool of ours against the broker as the identity in identity_dir."""
-        keystore = self.dir / f"{identity_dir.name}-keystore.pem"
-        _write_private(
-            keystore, (identity_dir / "key.pem").read_bytes() + (identity_dir / "svid.pem").read_bytes()
-        )
-        properties = self.dir / f"{identity_dir.name}-client.properties"
-        properties.write_text(
-            f"bootstrap.servers={self.bootstrap}\nsecurity.protocol=SSL\n"
-            f"ssl.keystore.type=PEM\nssl.keystore.location={keystore}\n"
-            f"ssl.truststore.type=PEM\nssl.truststore.location={identity_dir / 'bundle.pem'}\n"
-        )
-        result = subprocess.run(
-            [*self._java(), main_class, str(properties), *args], capture_output=True, text=True, check=False
-        )
+    def run_tool(self, main_class: str, identity: X509Identity, args: list[str]) -> str:
+        """Run a Java admin tool of ours against the broker as `identity` (given to it as
+        PEM files in a private directory that is gone afterwards)."""
+        with tempfile.TemporaryDirectory(prefix="pipeline-tool-") as tmp:
+            directory = identity.write_files(Path(tmp))
+            keystore = directory / "keystore.pem"  # Kafka's PEM key store: key, then chain
+            _write_private(keystore, identity.key_pem + identity.cert_chain_pem)
+            properties = directory / "client.properties"
+            properties.write_text(
+                f"bootstrap.servers={self.bootstrap}\nsecurity.protocol=SSL\n"
+                f"ssl.keystore.type=PEM\nssl.keystore.location={keystore}\n"
+                f"ssl.truststore.type=PEM\nssl.truststore.location={directory / 'bundle.pem'}\n"
+            )
+            result = subprocess.run(
+                [*self._java(), main_class, str(properties), *args],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         if result.returncode != 0:
             raise StackError(f"{main_class} failed:\n{result.stdout}{result.stderr[-2000:]}")
         return result.stdout
@@ -317,9 +326,10 @@ class PipelineService:
         except httpx.HTTPError:
             return False
 
-    def start(self, env: dict[str, str]) -> None:
-        """Start the service under its supervisor; when the supervisor runs already (the
-        service was killed and is being restarted), wait for the service to answer again."""
+    def start(self, env: dict[str, str], user: pwd.struct_passwd | None = None) -> None:
+        """Start the service under its supervisor, the service itself as `user` (the
+        supervisor stays the stack's); when the supervisor runs already (the service was
+        killed and is being restarted), wait for the service to answer again."""
         if not self.process.running():
             self.process.start(
                 [
@@ -330,6 +340,7 @@ class PipelineService:
                     f"--state-file={self.state_file}",
                     f"--log-file={self.process.log_file}",
                     "--",
+                    *as_user(user),
                     sys.executable,
                     "-m",
                     f"services.{self.service}",

@@ -96,7 +96,7 @@ def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
     before = scrape(stack)
     env = stack.env()
     settings = CliSettings(
-        kafka_bootstrap=env["PIPELINE_KAFKA_BOOTSTRAP"], identity_dir=env["PIPELINE_IDENTITY_DIR"]
+        kafka_bootstrap=env["PIPELINE_KAFKA_BOOTSTRAP"], SPIFFE_ENDPOINT_SOCKET=env["SPIFFE_ENDPOINT_SOCKET"]
     )
     # Each event to the raw topic of the source it comes from, as if each source sent its own
     # (the operator may write every raw topic; a source identity only its own).

@@ -1,10 +1,12 @@
 """The native stack: `python -m deploy.local.stack up|down|clean|status [--root DIR]`.
 
 Starts real components as local processes, in dependency order, each waited on until
-healthy: development SVIDs, OPA, PostgreSQL (with migrations), Kafka (KRaft, mTLS, OPA
-authorizer), then the pipeline topics. State lives under one root (default .stack/):
-stack.json (ports, cluster id), env (PIPELINE_* settings), logs/, run/ (pid files),
-identities/<name>/, ca/, kafka/, postgres/. Running `up` again changes nothing that runs.
+healthy: SPIRE (server, agent, registration entries), OPA, PostgreSQL (with migrations),
+Kafka (KRaft, mTLS, OPA authorizer), the pipeline topics, S3, Elasticsearch, then the
+services, each as its own system user with its SVID from SPIRE's Workload API. State lives
+under one root (default .stack/): stack.json (ports, cluster id, secrets), env (the
+operator's settings), logs/, run/ (pid files), spire/, kafka/, postgres/, ...
+Running `up` again changes nothing that runs.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import asyncio
 import base64
 import json
 import os
+import pwd
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -35,37 +39,37 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
-from deploy.local import devca
 from deploy.local.components import KafkaBroker, OpaServer, PipelineService, PostgresServer
+from deploy.local.os_users import as_user, can_run, ensure_system_user, switching_users
 from deploy.local.processes import ManagedProcess, StackError
 from deploy.local.s3server import S3Server
 from deploy.local.search_server import SearchServer
-from services.common.identity import X509Identity, identity_name, load_identity
+from deploy.local.spire_stack import (
+    DEFAULT_SVID_TTL_SECONDS,
+    ENTRIES_FILE,
+    TRUST_DOMAIN,
+    SpireAgent,
+    SpireServer,
+    load_entries,
+    unix_users,
+)
+from services.common.identity import WorkloadApiIdentity, X509Identity, checked_identity, spiffe_id_of
 from services.common.kafka import client_config
 from services.common.topology import TopicSpec, all_topics, configured_sources, instance_name
 from services.storage.migrate import apply_migrations
 
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".stack"
-TD = devca.TRUST_DOMAIN
+REPO_DIR = Path(__file__).resolve().parents[2]
+DEFAULT_ROOT = REPO_DIR / ".stack"
+TD = TRUST_DOMAIN
 BROKER_ID = f"spiffe://{TD}/broker/kafka"
 BOOTSTRAP_ID = f"spiffe://{TD}/admin/bootstrap"
 # One identity per configured source (opa/pipeline/data.json): each writes only its own
 # raw topic, so the broker's authorization is the event's provenance.
 SOURCE_IDS = tuple(f"spiffe://{TD}/source/{name}" for name in configured_sources())
-# Every identity the development CA issues; the broker's also names its loopback address
-# so clients verify the broker's host name as well as its trust domain.
-SPIFFE_IDS = (
-    BROKER_ID,
-    f"spiffe://{TD}/service/ingester",
-    f"spiffe://{TD}/service/processor",
-    f"spiffe://{TD}/service/storage",
-    *SOURCE_IDS,
-    f"spiffe://{TD}/operator/cli",
-    BOOTSTRAP_ID,
-)
-# Re-issue an SVID at `up` when less than this is left of it.
-RENEW_BEFORE = timedelta(hours=4)
+# The system user each service runs as, so SPIRE's unix attestor tells them apart.
+SERVICE_USERS = {name: f"pipeline-{name}" for name in ("ingester", "processor", "storage")}
 DEFAULT_PORTS = {
+    "spire": 18084,
     "kafka": 19092,
     "controller": 19093,
     "opa": 18181,
@@ -150,14 +154,15 @@ class Stack:
         authz_cache_seconds: int = DEFAULT_AUTHZ_CACHE_SECONDS,
         service_env: dict[str, str] | None = None,
         instances: Mapping[str, int] | None = None,
+        svid_ttl_seconds: int | None = None,
     ):
         """service_env: extra PIPELINE_* settings for the pipeline's services (tests).
         instances: how many of each service (default: PIPELINE_<SERVICE>_INSTANCES, else as
-        many as the last `up` started, else 1)."""
+        many as the last `up` started, else 1).
+        svid_ttl_seconds: how long SPIRE's SVIDs live (default PIPELINE_SVID_TTL_SECONDS, else 1 h)."""
         self.root = root.resolve()
         self.state_file = self.root / "stack.json"
         self.env_file = self.root / "env"
-        self.identity_dir = self.root / "identities"
         self.state = self._load_or_create_state(ports or DEFAULT_PORTS, authz_cache_seconds)
         if instances is None:  # what the environment asks for, else what the last `up` ran
             self.counts = instance_counts(os.environ, self.state.instances)
@@ -173,6 +178,9 @@ class Stack:
             self.state.ports.update(added)
             self._save_state(self.state)
         p = self.state.ports
+        self.spire_server = SpireServer(self.root, p["spire"], svid_ttl_seconds or svid_ttl_from_env())
+        self.spire_agent = SpireAgent(self.root, self.spire_server)
+        self._identities: dict[str, X509Identity] = {}
         self.opa = OpaServer(self.root, p["opa"])
         self.postgres = PostgresServer(self.root, p["postgres"])
         self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
@@ -195,10 +203,8 @@ class Stack:
     def up(self, log=print) -> None:  # type: ignore[no-untyped-def]
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)  # the postgres OS user must reach its data directory
-        issued = self.issue_identities()
-        if issued:
-            log(f"identities: issued {len(issued)} SVIDs into {self.identity_dir}")
+        self.root.chmod(0o755)  # the components' OS users must reach their directories
+        self.start_spire(log)
 
         self._ensure(self.opa.process, self.opa.healthy, self.opa.start, log)
         self.postgres.init(self.state.pg_superuser_password)
@@ -208,7 +214,6 @@ class Stack:
             log(f"postgres: applied migrations {', '.join(applied)}")
 
         self.kafka.configure(
-            broker_identity_dir=self.identity_dir / identity_name(BROKER_ID),
             broker_id=BROKER_ID,
             trust_domain=TD,
             opa_url=self.opa.url,
@@ -216,7 +221,10 @@ class Stack:
         )
         self.kafka.format_storage(self.state.cluster_id)
         self._ensure(
-            self.kafka.process, self.kafka_healthy, lambda: self.kafka.start(self.kafka_healthy), log
+            self.kafka.process,
+            self.kafka_healthy,
+            self.start_kafka,
+            log,
         )
         created = self.create_topics()
         if created:
@@ -267,6 +275,8 @@ class Stack:
             self.kafka.process,
             self.postgres.process,
             self.opa.process,
+            self.spire_agent.process,
+            self.spire_server.process,
         ]
         for process in [*processes, *servers]:
             if process.running():
@@ -282,8 +292,11 @@ class Stack:
         """Start one instance of a pipeline service (`ingester`, `ingester-2`, ...) with its
         service's identity; also used to wait for its restart after a kill."""
         instance = self.instances[name]
-        identity = SERVICES[instance.service]
-        instance.start({**self.env(), **self.service_env, "PIPELINE_IDENTITY": identity})
+        env = {**self.env(), **self.service_env, "PIPELINE_IDENTITY": SERVICES[instance.service]}
+        instance.start(env, self.service_user(instance.service))
+
+    def service_user(self, service: str) -> pwd.struct_passwd | None:
+        return ensure_system_user(SERVICE_USERS[service], f"pipeline {service} service (native stack)")
 
     @staticmethod
     def _ensure(
@@ -304,29 +317,65 @@ class Stack:
 
     # ---- identities ------------------------------------------------------------------
 
-    def issue_identities(self) -> list[str]:
-        """Issue each SVID that is missing or close to expiry; returns the names issued."""
-        ca = devca.load_or_create_ca(self.root / "ca")
-        issued = []
-        for spiffe_id in SPIFFE_IDS:
-            name = identity_name(spiffe_id)
-            try:
-                current = load_identity(self.identity_dir, name)
-                fresh = current.not_after - datetime.now(UTC) > RENEW_BEFORE
-                same_ca = current.bundle_path.read_bytes() == ca.bundle_pem
-                if fresh and same_ca:
-                    continue
-            except Exception:
-                pass
-            extra = (
-                {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]} if spiffe_id == BROKER_ID else {}
+    def start_spire(self, log: Callable[[str], None]) -> None:
+        """SPIRE server and agent, the system users the entries select, then the entries."""
+        self._ensure(self.spire_server.process, self.spire_server.healthy, self.spire_server.start, log)
+        self._ensure(self.spire_agent.process, self.spire_agent.healthy, self.spire_agent.start, log)
+        entries = load_entries()
+        for user in sorted(set(unix_users(entries).values())):
+            ensure_system_user(user, "pipeline component (native stack)")
+        if switching_users():
+            self._check_interpreter_reachable()
+        created, deleted = self.spire_server.apply_entries(entries)
+        if created or deleted:
+            log(f"spire: registration entries: {len(created)} created, {len(deleted)} deleted")
+        # Before anything asks for its SVID: entries reach the agent on its next sync.
+        ours = {e.spiffe_id for e in entries.values() if f"unix:uid:{os.getuid()}" in e.selectors}
+        self.spire_agent.wait_for(ours)
+
+    def _check_interpreter_reachable(self) -> None:
+        user = self.service_user("ingester")
+        if not can_run(user, [sys.executable, "-c", "import services.common.identity"]):
+            raise StackError(
+                f"the services' system users cannot run {sys.executable} (really "
+                f"{Path(sys.executable).resolve()}) from {REPO_DIR}: every directory above both must "
+                "be traversable by others (`make deps` does it: scripts/install-system-deps.sh)"
             )
-            devca.write_identity(self.identity_dir, ca, spiffe_id, **extra)
-            issued.append(name)
-        return issued
 
     def identity(self, name: str) -> X509Identity:
-        return load_identity(self.identity_dir, name)
+        """The SVID of identity `name` (e.g. "source-web", "service-ingester") from SPIRE,
+        renewed once half its life is gone. The stack's user holds the operator, admin and
+        source identities; a service's is fetched as that service's user (a test may act
+        as a service)."""
+        cached = self._identities.get(name)
+        if cached is not None and cached.not_after - datetime.now(UTC) > self.spire_server.svid_ttl / 2:
+            return cached
+        spiffe_id = spiffe_id_of(name)
+        service = next((s for s, n in SERVICES.items() if n == name), None)
+        if service is None:
+            source = WorkloadApiIdentity(self.spire_agent.endpoint, spiffe_id)
+            identity = source.current()
+            source.close()
+        else:
+            identity = self._identity_as(self.service_user(service), spiffe_id)
+        self._identities[name] = identity
+        return identity
+
+    def _identity_as(self, user: pwd.struct_passwd | None, spiffe_id: str) -> X509Identity:
+        argv = [*as_user(user), sys.executable, "-m", "services.common.identity", spiffe_id]
+        env = {**os.environ, "SPIFFE_ENDPOINT_SOCKET": self.spire_agent.endpoint}
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, env=env, cwd=REPO_DIR)
+        if result.returncode != 0:
+            raise StackError(
+                f"fetching {spiffe_id} as {user.pw_name if user else 'us'}: {result.stderr.strip()}"
+            )
+        fetched = json.loads(result.stdout)
+        return checked_identity(
+            fetched["cert_chain_pem"].encode(),
+            fetched["key_pem"].encode(),
+            fetched["bundle_pem"].encode(),
+            spiffe_id,
+        )
 
     # ---- kafka -----------------------------------------------------------------------
 
@@ -334,7 +383,11 @@ class Stack:
         return client_config(self.kafka.bootstrap, self.identity(identity_name), **overrides)
 
     def admin(self, **overrides: object) -> AdminClient:
-        return AdminClient(self.client_config(identity_name(BOOTSTRAP_ID), **overrides))
+        return AdminClient(self.client_config("admin-bootstrap", **overrides))
+
+    def start_kafka(self) -> None:
+        """Start the broker (also after a test stopped it) and wait until it serves."""
+        self.kafka.start(self.kafka_healthy, self.spire_agent.endpoint)
 
     def kafka_healthy(self) -> bool:
         try:  # quiet: while the broker starts, every probe's refused connection would be logged
@@ -438,7 +491,7 @@ class Stack:
         """Kafka client quotas per principal (AlterClientQuotas, as admin/bootstrap)."""
         self.kafka.run_tool(
             "local.pipeline.kafka.SetClientQuotas",
-            self.identity_dir / identity_name(BOOTSTRAP_ID),
+            self.identity("admin-bootstrap"),
             [f"{p}=" + ",".join(f"{k}:{v}" for k, v in q.items()) for p, q in quotas.items()],
         )
 
@@ -495,7 +548,7 @@ class Stack:
             "PIPELINE_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
             "PIPELINE_OPA_URL": self.opa.url,
             "PIPELINE_PG_DSN": self.pg_dsn,
-            "PIPELINE_IDENTITY_DIR": str(self.identity_dir),
+            "SPIFFE_ENDPOINT_SOCKET": self.spire_agent.endpoint,
             "PIPELINE_S3_ENDPOINT": self.s3.endpoint,
             "PIPELINE_S3_BUCKET": LAKE_BUCKET,
             "PIPELINE_S3_ACCESS_KEY": self.state.s3_access_key,
@@ -519,6 +572,13 @@ class Stack:
     def status(self) -> list[tuple[str, str, str, str]]:
         rows = []
         for name, process, healthy, address in (
+            (
+                "spire-server",
+                self.spire_server.process,
+                self.spire_server.healthy,
+                f"127.0.0.1:{self.spire_server.port}",
+            ),
+            ("spire-agent", self.spire_agent.process, self.spire_agent.healthy, self.spire_agent.endpoint),
             ("opa", self.opa.process, self.opa.healthy, self.opa.url),
             ("postgres", self.postgres.process, self.postgres.healthy, f"127.0.0.1:{self.postgres.port}"),
             ("kafka", self.kafka.process, self.kafka_healthy, f"{self.kafka.bootstrap} (mTLS)"),
@@ -530,6 +590,13 @@ class Stack:
             state = "stopped" if pid is None else ("healthy" if healthy() else "unhealthy")
             rows.append((name, state, address, str(process.log_file)))
         return rows
+
+
+def svid_ttl_from_env() -> int:
+    value = os.environ.get("PIPELINE_SVID_TTL_SECONDS", str(DEFAULT_SVID_TTL_SECONDS))
+    if not value.isdigit() or not 30 <= int(value) <= 7 * 86400:
+        raise StackError(f"PIPELINE_SVID_TTL_SECONDS must be seconds between 30 and 604800, got {value!r}")
+    return int(value)
 
 
 def free_ports(names: tuple[str, ...] = tuple(DEFAULT_PORTS)) -> dict[str, int]:
@@ -574,7 +641,7 @@ def print_summary(stack: Stack) -> None:
     for name, state, address, log in stack.status():
         print(f"{name:<10} {state:<10} {address:<28} {log}")
     print(f"\nsettings:   . {stack.env_file}")
-    print(f"identities: {stack.identity_dir}/<name>/{{svid,key,bundle}}.pem")
+    print(f"identities: SPIRE Workload API at {stack.spire_agent.endpoint} (entries: {ENTRIES_FILE})")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,14 @@ def _major(path: str) -> int:
         return int(Path(path).parts[-3])
     except ValueError:
         return 0
+
+
+SPIRE_VERSION = "v1.13.3"  # keep in step with the Makefile
+
+
+def spire(program: str) -> str:
+    """spire-server or spire-agent, built by `make deps` from deploy/local/spire/go.mod."""
+    path = CACHE / f"spire-{SPIRE_VERSION}" / "bin" / program
+    if not path.is_file():
+        raise StackError(f"SPIRE {SPIRE_VERSION} ({program}) not found at {path}: run `make deps`")
+    return str(path)

@@ -108,14 +108,33 @@ class Deliveries:
 
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self.fail(msg.topic(), None, f"{err.str()} ({err.name()})")
+            self.refused(err, msg, None)
+
+    def refused(self, err: KafkaError, msg: Message, label: str | None) -> None:
+        try:
+            text = f"{err.str()} ({err.name()})"
+        except SystemError as e:
+            # confluent-kafka serves the reports of records purged by a fatal client error
+            # (e.g. IDEMPOTENT_WRITE denied) with that error pending: it breaks the first call
+            # into the client. Taken here (which clears it), the report can still be counted.
+            self.took_fatal(e)
+            text = "purged after a fatal client error"
+        self.fail(msg.topic(), label, text)
+
+    def took_fatal(self, e: BaseException) -> None:
+        """Record the fatal client error that `e` is or was caused by; re-raise anything else."""
+        cause = e if isinstance(e, KafkaException) else e.__cause__
+        if isinstance(cause, KafkaException) and cause.args and cause.args[0].fatal():
+            self.fatal = self.fatal or f"{cause.args[0].str()} ({cause.args[0].name()})"
+        elif self.fatal is None:  # SystemError after a report took the fatal error: expected
+            raise e
 
     def tracker(self, label: str | None) -> Callable[[KafkaError | None, Message], None]:
         """A per-record callback that also records where the record landed."""
 
         def report(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
-                self.fail(msg.topic(), label, f"{err.str()} ({err.name()})")
+                self.refused(err, msg, label)
             else:
                 self.written.append(Written(label, msg.topic(), msg.partition(), msg.offset()))
 
@@ -153,7 +172,19 @@ def deliver(
         # 81k vs 119k records/s); successes are derived from what left the queue instead.
         config = {"on_delivery": deliveries.on_delivery, "delivery.report.only.error": True, **config}
     producer = cli_producer(settings, timeout_s, error_cb=deliveries.on_error, **config)
-    produce, poll = producer.produce, producer.poll
+    produce = producer.produce
+
+    def poll(timeout: float) -> None:
+        try:
+            producer.poll(timeout)
+        except (KafkaException, SystemError) as e:  # a fatal client error, raised out of poll
+            deliveries.took_fatal(e)
+
+    def flush(timeout: float) -> None:
+        try:
+            producer.flush(timeout)
+        except (KafkaException, SystemError) as e:
+            deliveries.took_fatal(e)
     try:
         for record in records:
             if pace is not None:
@@ -184,13 +215,13 @@ def deliver(
     try:
         # librdkafka reports every record within message.timeout.ms, so this terminates.
         while len(producer) > 0 and not deliveries.fatal:
-            producer.flush(FLUSH_SLICE_S)
+            flush(FLUSH_SLICE_S)
             if tick is not None:
                 tick(deliveries, len(producer))
     except KeyboardInterrupt:
         deliveries.interrupted = True
     if deliveries.fatal:
         producer.purge()  # each purged record is reported as failed
-        producer.flush(1)
+        flush(1)
     deliveries.unreported = len(producer)
     return deliveries

@@ -34,6 +34,7 @@ from services.cli.delivery import Deliveries, Outgoing, deliver
 from services.cli.settings import EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, CliSettings, UsageError
 from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.dlq import ErrorClass
+from services.common.identity import spiffe_id_of
 from services.common.topology import AUDIT, DEAD_LETTER, DLQ, RAW_PREFIX, operator_group, source_of
 
 UNDECODABLE = "undecodable"
@@ -556,7 +557,7 @@ def cmd_replay(reader: DlqReader, settings: CliSettings, args: argparse.Namespac
     chosen = replay_selection(reader, args, skipped)
     if isinstance(chosen, int):
         return chosen
-    who = settings.load_identity().spiffe_id
+    who = spiffe_id_of(settings.identity, settings.trust_domain)
     selected: list[str] = []
     targets: set[str] = set()
 

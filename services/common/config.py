@@ -9,10 +9,16 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.identity import X509Identity, load_identity
+from services.common.identity import (
+    DEFAULT_TRUST_DOMAIN,
+    FileIdentity,
+    IdentityError,
+    WorkloadApiIdentity,
+    spiffe_id_of,
+)
 from services.common.kafka import KafkaClients
 
 
@@ -21,9 +27,21 @@ def describe_settings_error(error: ValidationError) -> str:
     out, as they may be secrets (pydantic's own message repeats them)."""
     lines = []
     for e in error.errors(include_url=False, include_input=False):
-        name = "PIPELINE_" + "_".join(str(part) for part in e["loc"]).upper() if e["loc"] else "settings"
+        loc = [str(part) for part in e["loc"]]
+        # A field read from a variable of another standard (SPIFFE_ENDPOINT_SOCKET) is named as it is.
+        name = (
+            ("_".join(loc) if loc[0].isupper() else "PIPELINE_" + "_".join(loc).upper())
+            if loc
+            else "settings"
+        )
         lines.append(f"  {name}: {e['msg']}")
     return "\n".join(lines)
+
+
+NO_IDENTITY_SOURCE = (
+    "no identity source: set SPIFFE_ENDPOINT_SOCKET (the SPIRE agent's Workload API) "
+    "or PIPELINE_IDENTITY_DIR (development CA files)"
+)
 
 
 class KafkaSettings(BaseSettings):
@@ -32,15 +50,46 @@ class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
 
     kafka_bootstrap: str = Field(min_length=1, description="host:port[,host:port] of the SSL listener")
-    identity_dir: Path = Field(description="directory holding <name>/{svid,key,bundle}.pem")
-    identity: str = Field(min_length=1, description="this component's identity name, e.g. service-ingester")
+    identity: str = Field(min_length=1, description="this component's identity, e.g. service-ingester")
+    trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, pattern=r"^[a-z0-9._-]+$")
+    # Where identities come from: the SPIFFE Workload API (the SPIRE agent's socket, under the
+    # variable every SPIFFE library reads), else files from the development CA.
+    spiffe_endpoint_socket: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SPIFFE_ENDPOINT_SOCKET"),
+        pattern=r"^unix://?/",
+        description="the Workload API, e.g. unix:///run/spire/agent.sock",
+    )
+    identity_dir: Path | None = Field(
+        None, validate_default=True, description="directory holding <name>/{svid,key,bundle}.pem"
+    )
 
-    def load_identity(self) -> X509Identity:
-        return load_identity(self.identity_dir, self.identity)
+    @field_validator("identity_dir", mode="after")
+    @classmethod
+    def _one_identity_source(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # On a field (checked even when left out), so it is reported beside other bad settings.
+        if value is None and not info.data.get("spiffe_endpoint_socket"):
+            raise ValueError(NO_IDENTITY_SOURCE)
+        return value
+
+    def identity_source(self) -> FileIdentity | WorkloadApiIdentity:
+        """This component's identity source (the Workload API is asked now: a missing
+        registration entry fails here)."""
+        if self.spiffe_endpoint_socket:
+            return WorkloadApiIdentity(
+                self.spiffe_endpoint_socket, spiffe_id_of(self.identity, self.trust_domain)
+            )
+        if self.identity_dir is not None:
+            return FileIdentity(self.identity_dir, self.identity)
+        raise IdentityError(NO_IDENTITY_SOURCE)
 
     def kafka_clients(self) -> KafkaClients:
-        """Client profiles presenting this identity (loaded now: a bad one fails here)."""
-        return KafkaClients(self.kafka_bootstrap, self.load_identity())
+        """Client profiles presenting this identity, as it is now (a tool's lifetime is short)."""
+        source = self.identity_source()
+        try:
+            return KafkaClients(self.kafka_bootstrap, source.current())
+        finally:
+            source.close()
 
 
 class StageSettings(KafkaSettings):

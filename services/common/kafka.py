@@ -29,9 +29,7 @@ def client_config(bootstrap: str, identity: X509Identity, **overrides: Any) -> d
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "security.protocol": "SSL",
-        "ssl.ca.location": str(identity.bundle_path),
-        "ssl.certificate.location": str(identity.svid_path),
-        "ssl.key.location": str(identity.key_path),
+        **identity.kafka_tls(),
         "ssl.endpoint.identification.algorithm": "https",
     }
     config.update(overrides)

@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient
 from deploy.local import devca
 from deploy.local.stack import Stack
 from services.common.topology import raw_topic
+from tests.integration.identity_helpers import spire_ca
 from tests.integration.kafka_helpers import QUIET, produce_one
 
 WEB_ID = "spiffe://pipeline.local/source/web"
@@ -30,7 +31,7 @@ def refused(config: dict[str, object]) -> bool:
 
 
 def config_with_cert(stack: Stack, directory: Path, key_pem: bytes, cert_pem: bytes) -> dict[str, object]:
-    devca.write_pem_files(directory, key_pem, cert_pem, stack.identity("source-web").bundle_path.read_bytes())
+    devca.write_pem_files(directory, key_pem, cert_pem, stack.identity("source-web").bundle_pem)
     return {
         "bootstrap.servers": stack.kafka.bootstrap,
         "security.protocol": "SSL",
@@ -46,12 +47,11 @@ def test_valid_svid_is_accepted(stack: Stack) -> None:
 
 
 def test_client_without_certificate_is_refused(stack: Stack) -> None:
-    bundle = stack.identity("source-web").bundle_path
     assert refused(
         {
             "bootstrap.servers": stack.kafka.bootstrap,
             "security.protocol": "SSL",
-            "ssl.ca.location": str(bundle),
+            "ssl.ca.pem": stack.identity("source-web").bundle_pem.decode(),
         }
     )
 
@@ -63,7 +63,7 @@ def test_certificate_from_another_ca_is_refused(stack: Stack, tmp_path: Path) ->
 
 
 def test_expired_certificate_is_refused(stack: Stack, tmp_path: Path) -> None:
-    ca = devca.load_or_create_ca(stack.root / "ca")
+    ca = spire_ca(stack)
     now = datetime.now(UTC)
     key, cert = devca.issue_certificate(
         ca, uris=[WEB_ID], not_before=now - timedelta(days=2), not_after=now - timedelta(days=1)
@@ -84,7 +84,7 @@ def test_expired_certificate_is_refused(stack: Stack, tmp_path: Path) -> None:
 def test_certificate_without_exactly_one_spiffe_id_is_not_authenticated(
     stack: Stack, tmp_path: Path, sans: dict[str, object]
 ) -> None:
-    ca = devca.load_or_create_ca(stack.root / "ca")
+    ca = spire_ca(stack)
     key, cert = devca.issue_certificate(ca, **sans)  # type: ignore[arg-type]
     assert refused(config_with_cert(stack, tmp_path, key, cert))
 

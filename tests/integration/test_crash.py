@@ -54,7 +54,7 @@ def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) 
 
     # The broker goes down and comes back while all three stages work.
     stack.kafka.process.stop()
-    stack.kafka.start(stack.kafka_healthy)
+    stack.start_kafka()
     produce_events(stack, events[35_000:])
 
     eventually(lambda: len(pg_rows(stack, ids)) > 20_000, 300, "more stored")

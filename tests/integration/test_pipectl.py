@@ -138,13 +138,15 @@ def test_produce_reads_stdin_and_can_send_as_a_source(stack: Stack) -> None:
 
 
 def test_produce_as_an_identity_that_may_not_write_fails_with_exit_1(stack: Stack) -> None:
+    # admin-bootstrap is the operator's (SPIRE gives it to the operator's uid) but may only
+    # create and configure topics: the broker refuses its records.
     result = pipectl(
         stack.env(),
         "produce",
         "--generate",
         "5",
         "--identity",
-        "service-processor",
+        "admin-bootstrap",
         "--timeout",
         "10",
         "--json",
@@ -153,6 +155,15 @@ def test_produce_as_an_identity_that_may_not_write_fails_with_exit_1(stack: Stac
     summary = json.loads(result.stdout)
     assert summary["sent"] == 0 and summary["failed"] == 5
     assert any("AUTHORIZATION" in e.upper() for e in summary["errors"]), summary["errors"]
+
+
+def test_operator_cannot_take_a_service_identity(stack: Stack) -> None:
+    # SPIRE hands the operator's uid only the entries that select it: asking for the
+    # processor's SVID is refused before any record is made.
+    result = pipectl(stack.env(), "produce", "--generate", "5", "--identity", "service-processor")
+    assert result.returncode == 1
+    assert "no SVID for spiffe://pipeline.local/service/processor" in result.stderr, result.stderr
+    assert "operator/cli" in result.stderr  # what it could have asked for instead
 
 
 # ---- dlq ----------------------------------------------------------------------------------

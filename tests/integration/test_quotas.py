@@ -8,11 +8,9 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Producer
 
-from deploy.local import devca
 from deploy.local.stack import Stack
-from services.common.identity import load_identity
-from services.common.kafka import client_config
 from services.common.topology import raw_topic, raw_topic_spec
+from tests.integration.identity_helpers import registered_for_us
 from tests.integration.kafka_helpers import QUIET
 
 BURST = 64
@@ -44,9 +42,9 @@ def test_flooding_source_is_throttled_without_slowing_others(stack: Stack, tmp_p
     flood_id = f"spiffe://pipeline.local/source/{name}"
     # A source writes only its own raw topic; a source made up here needs one made too.
     stack.create_topics((raw_topic_spec(name),))
-    directory = devca.write_identity(tmp_path, devca.load_or_create_ca(stack.root / "ca"), flood_id)
+    with registered_for_us(stack, flood_id):
+        flood = stack.client_config(f"source-{name}")
     stack.set_client_quotas({flood_id: {"producer_byte_rate": 16 * 1024}})
-    flood = client_config(stack.kafka.bootstrap, load_identity(tmp_path, directory.name))
 
     assert max_throttle_ms(flood, raw_topic(name)) > 0
     assert max_throttle_ms(stack.client_config("source-web"), raw_topic("web")) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import subprocess
+import uuid
 
 import asyncpg
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
@@ -24,7 +25,8 @@ from services.common.topology import (
 
 
 def test_second_up_changes_nothing(stack: Stack) -> None:
-    processes = [stack.opa.process, stack.postgres.process, stack.kafka.process, stack.s3.process]
+    processes = [stack.spire_server.process, stack.spire_agent.process, stack.opa.process]
+    processes += [stack.postgres.process, stack.kafka.process, stack.s3.process]
     processes.append(stack.search.process)
     processes += [s.process for s in stack.services.values()]
     pids = {p.name: p.pid for p in processes}
@@ -32,6 +34,8 @@ def test_second_up_changes_nothing(stack: Stack) -> None:
     stack.up(log=lines.append)
     assert {p.name: p.pid for p in processes} == pids
     assert [line for line in lines if not line.startswith("stack up in")] == [
+        "spire-server: already running",
+        "spire-agent: already running",
         "opa: already running",
         "postgres: already running",
         "kafka: already running",
@@ -50,8 +54,8 @@ def test_env_file_is_sourceable_and_complete(stack: Stack) -> None:
         text=True,
         check=True,
     ).stdout
-    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("PIPELINE_"))
-    for key in ("PIPELINE_KAFKA_BOOTSTRAP", "PIPELINE_PG_DSN", "PIPELINE_OPA_URL", "PIPELINE_IDENTITY_DIR"):
+    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith(("PIPELINE_", "SPIFFE_")))
+    for key in ("PIPELINE_KAFKA_BOOTSTRAP", "PIPELINE_PG_DSN", "PIPELINE_OPA_URL", "SPIFFE_ENDPOINT_SOCKET"):
         assert env[key], key
     assert env["PIPELINE_KAFKA_BOOTSTRAP"] == stack.kafka.bootstrap
     assert oct(stack.env_file.stat().st_mode & 0o777) == "0o600"  # it holds the database password
@@ -127,16 +131,15 @@ def test_demo_reports_where_every_event_went_and_the_counts_add_up(stack: Stack,
         assert f"storage-{sink}" in out
 
 
-def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(stack: Stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(stack: Stack) -> None:
     # Cluster ids are random base64url: one in 64 starts with "-", which the storage tool
     # once took for an option, and that `make up` failed.
     from deploy.local.components import KafkaBroker
     from deploy.local.stack import BROKER_ID, TD
-    from services.common.identity import identity_name
 
-    broker = KafkaBroker(tmp_path, port=1, controller_port=2)  # formatted only, never started
+    # Under the stack's root, which the broker's OS user may enter (pytest's tmp_path it may not).
+    broker = KafkaBroker(stack.root / f"format-test-{uuid.uuid4().hex[:8]}", port=1, controller_port=2)
     broker.configure(
-        broker_identity_dir=stack.identity_dir / identity_name(BROKER_ID),
         broker_id=BROKER_ID,
         trust_domain=TD,
         opa_url=stack.opa.url,

@@ -80,6 +80,6 @@ def test_a_service_that_cannot_reach_the_broker_is_not_ready_until_it_is_back(st
                 "not ready, naming kafka",
             )
     finally:
-        stack.kafka.start(stack.kafka_healthy)
+        stack.start_kafka()
     for name in stack.services:
         wait_readyz(stack, name, lambda code, _: code == 200, 180, "ready once the broker is back")

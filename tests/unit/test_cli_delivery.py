@@ -110,3 +110,39 @@ def test_repeated_errors_are_kept_once_with_a_count() -> None:
         deliveries.fail("t", None, f"other {i}")
     assert deliveries.errors[0] == "t: denied (x3)" and len(deliveries.errors) == delivery.MAX_ERRORS_KEPT
     assert deliveries.failed == 13
+
+
+class PendingFatalError:
+    """A KafkaError as confluent-kafka hands it to the delivery reports of records purged by a
+    fatal client error: the error is still pending, so any call into it raises SystemError."""
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> Any:
+            fatal = KafkaException(KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED, "denied", fatal=True))
+            raise SystemError("returned a result with an exception set") from fatal
+
+        return call
+
+
+class FatalProducer(FakeProducer):
+    """Its flush() reports every record purged by a fatal error, then raises as the client does."""
+
+    def flush(self, timeout: float = 0) -> int:
+        reports = [(topic, report or self.config["on_delivery"]) for topic, _, report in self.queue]
+        self.queue.clear()
+        for topic, report in reports:
+            report(PendingFatalError(), FakeMessage(topic, 0, -1))
+        if reports:
+            raise SystemError("<method 'flush'> returned NULL without setting an exception")
+        return 0
+
+
+def test_a_fatal_client_error_fails_every_record_and_is_reported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # E.g. an identity without IDEMPOTENT_WRITE: no traceback, nothing counted as sent.
+    monkeypatch.setattr(delivery, "cli_producer", lambda settings, timeout_s, **config: FatalProducer(config))
+    settings = CliSettings(kafka_bootstrap="127.0.0.1:9", identity_dir=str(tmp_path))
+    result = deliver(settings, records(b"a", b"b", b"c"), timeout_s=1)
+    assert (result.sent, result.failed) == (0, 3)
+    assert result.fatal is not None and "CLUSTER_AUTHORIZATION_FAILED" in result.fatal

@@ -82,7 +82,7 @@ def test_key_of_another_svid_is_refused(ca: devca.CertificateAuthority, tmp_path
     devca.write_identity(tmp_path, ca, INGESTER)
     other_key, _ = devca.issue_certificate(ca, uris=[INGESTER])
     (tmp_path / "service-ingester" / "key.pem").write_bytes(other_key)
-    with pytest.raises(IdentityError, match="not the key"):
+    with pytest.raises(IdentityError, match="does not match its certificate"):
         load_identity(tmp_path, "service-ingester")
 
 
@@ -99,5 +99,7 @@ def test_kafka_client_config_is_mtls_with_host_verification(
     config = client_config("127.0.0.1:9093", load_identity(tmp_path, "service-ingester"), acks="all")
     assert config["security.protocol"] == "SSL"
     assert config["ssl.endpoint.identification.algorithm"] == "https"
-    assert config["ssl.certificate.location"].endswith("service-ingester/svid.pem")
+    assert config["ssl.certificate.pem"] == (tmp_path / "service-ingester" / "svid.pem").read_text()
+    assert config["ssl.key.pem"] == (tmp_path / "service-ingester" / "key.pem").read_text()
+    assert config["ssl.ca.pem"] == ca.bundle_pem.decode()
     assert config["acks"] == "all"
