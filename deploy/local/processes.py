@@ -13,6 +13,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# Settings holding a secret (.stack/env has them: a shell that ran `make up` may have sourced
+# it). No process the stack starts inherits them from that shell; it holds only those it is
+# given (Stack.env_for): the broker or an ingester has no business with the lake's keys.
+SECRET_SETTINGS = frozenset({"PIPELINE_PG_DSN", "PIPELINE_S3_ACCESS_KEY", "PIPELINE_S3_SECRET_KEY"})
+
 
 class StackError(RuntimeError):
     """A component could not be installed, started or reached."""
@@ -87,7 +92,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env={**inherited_environment(), **(env or {})},
                 cwd=cwd,
                 start_new_session=True,
                 user=user,
@@ -126,6 +131,11 @@ class ManagedProcess:
     def _reap(self) -> None:
         if self._popen is not None:
             self._popen.poll()
+
+
+def inherited_environment() -> dict[str, str]:
+    """Our environment without its secrets (SECRET_SETTINGS)."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_SETTINGS}
 
 
 def _signal_group(pid: int, sig: int) -> None:

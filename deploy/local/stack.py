@@ -1,12 +1,12 @@
 """The native stack: `python -m deploy.local.stack up|down|clean|status [--root DIR]`.
 
 Starts real components as local processes, in dependency order, each waited on until
-healthy: SPIRE (server, agent, registration entries), OPA, PostgreSQL (with migrations),
-Kafka (KRaft, mTLS, OPA authorizer), the pipeline topics, S3, Elasticsearch, then the
-services, each as its own system user with its SVID from SPIRE's Workload API. State lives
-under one root (default .stack/): stack.json (ports, cluster id, secrets), env (the
-operator's settings), logs/, run/ (pid files), spire/, kafka/, postgres/, ...
-Running `up` again changes nothing that runs.
+healthy: SPIRE (server, agent, registration entries), OPA, PostgreSQL (roles, database,
+migrations), Kafka (KRaft, mTLS, OPA authorizer), the pipeline topics, S3, Elasticsearch,
+then the services, each as its own system user with its SVID from SPIRE's Workload API and
+its own database role. State lives under one root (default .stack/): stack.json (ports,
+cluster id, secrets), env (the operator's settings), logs/, run/ (pid files), spire/,
+kafka/, postgres/, ... Running `up` again changes nothing that runs.
 """
 
 from __future__ import annotations
@@ -90,6 +90,15 @@ MAX_INSTANCES = 9
 # `make up` puts ingester-2 on 18091, processor-2 on 18092, ...
 INSTANCE_PORT_STEP = 10
 LAKE_BUCKET = "pipeline-lake"
+# The database's login roles besides its owner `pipeline` (which runs the migrations only):
+# one per service and one for operators, by who uses it. What each may do is granted by
+# services/storage/migrations/0007_service_roles.sql.
+PG_LOGINS = {
+    "ingester": "pipeline_ingester",
+    "processor": "pipeline_processor",
+    "storage": "pipeline_storage",
+    "operator": "pipeline_operator",
+}
 DEFAULT_AUTHZ_CACHE_SECONDS = 10
 # Kafka client quota per source identity (bytes/s produced), so one flooding source is
 # throttled by the broker without slowing the others. Override: PIPELINE_SOURCE_PRODUCER_BYTE_RATE.
@@ -144,6 +153,8 @@ class StackState:
     s3_secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
     # Instances per service the last `up` started (PIPELINE_<SERVICE>_INSTANCES).
     instances: dict[str, int] = field(default_factory=dict)
+    # Password of each PG_LOGINS role, by its key there.
+    pg_login_passwords: dict[str, str] = field(default_factory=dict)
 
 
 class Stack:
@@ -292,7 +303,11 @@ class Stack:
         """Start one instance of a pipeline service (`ingester`, `ingester-2`, ...) with its
         service's identity; also used to wait for its restart after a kill."""
         instance = self.instances[name]
-        env = {**self.env(), **self.service_env, "PIPELINE_IDENTITY": SERVICES[instance.service]}
+        env = {
+            **self.env_for(instance.service),
+            **self.service_env,
+            "PIPELINE_IDENTITY": SERVICES[instance.service],
+        }
         instance.start(env, self.service_user(instance.service))
 
     def service_user(self, service: str) -> pwd.struct_passwd | None:
@@ -499,15 +514,24 @@ class Stack:
 
     @property
     def pg_dsn(self) -> str:
+        """The owner's login: for migrations, the stack itself, tests and benchmarks only."""
         return self.postgres.dsn("pipeline", self.state.pg_password, "pipeline")
 
+    def pg_login_dsn(self, login: str) -> str:
+        """The login of a service (`ingester`, `processor`, `storage`) or of `operator`."""
+        return self.postgres.dsn(PG_LOGINS[login], self.state.pg_login_passwords[login], "pipeline")
+
     async def _prepare_database(self) -> list[str]:
-        """Create the `pipeline` role and database once, then apply pending migrations."""
+        """Create the roles and the database once, then apply pending migrations (which
+        grant the login roles what each may do, so the roles must exist first)."""
         admin_dsn = self.postgres.dsn(PostgresServer.SUPERUSER, self.state.pg_superuser_password, "postgres")
         conn = await asyncpg.connect(admin_dsn)
         try:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = 'pipeline'"):
-                await conn.execute(f"CREATE ROLE pipeline LOGIN PASSWORD '{self.state.pg_password}'")
+            roles = {"pipeline": self.state.pg_password}
+            roles |= {role: self.state.pg_login_passwords[login] for login, role in PG_LOGINS.items()}
+            for role, password in roles.items():
+                if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                    await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
             if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'pipeline'"):
                 await conn.execute("CREATE DATABASE pipeline OWNER pipeline")
         finally:
@@ -520,9 +544,11 @@ class Stack:
         if self.state_file.exists():
             saved = json.loads(self.state_file.read_text())
             state = StackState(**saved)
-            # A stack made by an older version lacks newer components' ports and secrets.
+            # A stack made by an older version lacks newer components' ports and secrets;
+            # `up` creates the database roles that were missing.
             missing = {k: v for k, v in ports.items() if k not in state.ports}
-            if missing or set(asdict(state)) != set(saved):
+            added_logins = self._add_login_passwords(state)
+            if missing or added_logins or set(asdict(state)) != set(saved):
                 state.ports.update(missing)
                 self._save_state(state)
             return state
@@ -533,8 +559,17 @@ class Stack:
             pg_password=secrets.token_urlsafe(24),
             authz_cache_seconds=authz_cache_seconds,
         )
+        self._add_login_passwords(state)
         self._save_state(state)
         return state
+
+    @staticmethod
+    def _add_login_passwords(state: StackState) -> list[str]:
+        """A random password for each database login that has none yet; returns those."""
+        added = [login for login in PG_LOGINS if login not in state.pg_login_passwords]
+        for login in added:
+            state.pg_login_passwords[login] = secrets.token_urlsafe(24)
+        return added
 
     def _save_state(self, state: StackState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -543,16 +578,29 @@ class Stack:
             json.dump(asdict(state), f, indent=2)
 
     def env(self) -> dict[str, str]:
+        """The operator's settings (.stack/env, pipectl): the read-only database login, and
+        the lake's keys, with which `pipectl status` counts the lake's objects."""
+        return self._settings("operator", lake_keys=True)
+
+    def env_for(self, service: str) -> dict[str, str]:
+        """A service's settings: its own database login, and the lake's keys for storage
+        only (its lake sink). No process gets a secret it does not use."""
+        return self._settings(service, lake_keys=service == "storage")
+
+    def _settings(self, pg_login: str, lake_keys: bool) -> dict[str, str]:
+        keys = {
+            "PIPELINE_S3_ACCESS_KEY": self.state.s3_access_key,
+            "PIPELINE_S3_SECRET_KEY": self.state.s3_secret_key,
+        }
         return {
             "PIPELINE_STACK_DIR": str(self.root),
             "PIPELINE_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
             "PIPELINE_OPA_URL": self.opa.url,
-            "PIPELINE_PG_DSN": self.pg_dsn,
+            "PIPELINE_PG_DSN": self.pg_login_dsn(pg_login),
             "SPIFFE_ENDPOINT_SOCKET": self.spire_agent.endpoint,
             "PIPELINE_S3_ENDPOINT": self.s3.endpoint,
             "PIPELINE_S3_BUCKET": LAKE_BUCKET,
-            "PIPELINE_S3_ACCESS_KEY": self.state.s3_access_key,
-            "PIPELINE_S3_SECRET_KEY": self.state.s3_secret_key,
+            **(keys if lake_keys else {}),
             "PIPELINE_ES_URL": self.search.url,
             # Where each service answers /healthz, /readyz and /metrics (pipectl status): a
             # comma-separated list with one URL per instance, the first instance's first.

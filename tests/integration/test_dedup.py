@@ -1,4 +1,7 @@
-"""Dedup against the real PostgreSQL: new, replay (same position) and duplicate, and the window."""
+"""Dedup against the real PostgreSQL: new, replay (same position) and duplicate, and the window.
+
+Dedup logs in as the ingester does (its own role, services/storage/migrations/0007_service_roles.sql).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ def test_replay_at_the_same_position_is_not_a_duplicate(stack: Stack) -> None:
     a, b = f"a-{uuid.uuid4()}", f"b-{uuid.uuid4()}"
 
     async def scenario() -> list[list[Seen]]:
-        dedup = Dedup(stack.pg_dsn, timedelta(hours=24))
+        dedup = Dedup(stack.pg_login_dsn("ingester"), timedelta(hours=24))
         try:
             first = await dedup.classify([("web", a, 0, 10), ("web", b, 0, 11), ("web", a, 0, 12)])
             # After a crash the same records are read again from the same positions...
@@ -37,7 +40,7 @@ def test_an_id_older_than_the_window_counts_as_new(stack: Stack) -> None:
     old = f"old-{uuid.uuid4()}"
 
     async def scenario() -> tuple[Seen, int, Seen]:
-        dedup = Dedup(stack.pg_dsn, timedelta(hours=1))
+        dedup = Dedup(stack.pg_login_dsn("ingester"), timedelta(hours=1))
         conn = await asyncpg.connect(stack.pg_dsn)
         try:
             await dedup.classify([("web", old, 1, 1)])
@@ -66,7 +69,7 @@ def test_an_id_belongs_to_its_source(stack: Stack) -> None:
     shared = f"shared-{uuid.uuid4()}"
 
     async def scenario() -> list[Seen]:
-        dedup = Dedup(stack.pg_dsn, timedelta(hours=24))
+        dedup = Dedup(stack.pg_login_dsn("ingester"), timedelta(hours=24))
         try:
             [web] = await dedup.classify([("web", shared, 0, 1)])
             [backend] = await dedup.classify([("backend", shared, 0, 1)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,3 +41,20 @@ def test_wait_until_stops_early_on_a_hard_failure(tmp_path: Path) -> None:
 
     with pytest.raises(StackError, match="crasher exited"):
         wait_until(up_or_exited, timeout=60, what="never")
+
+
+def test_a_started_process_inherits_no_secret_from_our_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As when `make up` runs in a shell that sourced .stack/env (the operator's settings).
+    monkeypatch.setenv("PIPELINE_S3_SECRET_KEY", "inherited-secret")
+    monkeypatch.setenv("PIPELINE_PG_DSN", "postgresql://pipeline_operator:inherited-pw@h/db")
+    monkeypatch.setenv("PIPELINE_LOG_LEVEL", "debug")  # no secret: inherited as before
+    process = ManagedProcess("env", tmp_path / "run", tmp_path / "logs")
+    show = "import json, os; print(json.dumps({k: v for k, v in os.environ.items() if k.startswith('PIPELINE_')}))"
+    process.start([sys.executable, "-c", show], env={"PIPELINE_PG_DSN": "postgresql://mine:given@h/db"})
+    wait_until(process.exited, timeout=30, what="the process printed its environment")
+    env = json.loads(process.log_file.read_text().splitlines()[-1])
+    assert env["PIPELINE_PG_DSN"] == "postgresql://mine:given@h/db"
+    assert "PIPELINE_S3_SECRET_KEY" not in env
+    assert env["PIPELINE_LOG_LEVEL"] == "debug"
