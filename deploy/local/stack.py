@@ -39,7 +39,7 @@ from deploy.local import devca
 from deploy.local.components import KafkaBroker, OpaServer, PipelineService, PostgresServer
 from deploy.local.processes import ManagedProcess, StackError
 from deploy.local.s3server import S3Server
-from deploy.local.search_server import SearchServer
+from deploy.local.search_server import ADMIN_USER, READER_USER, WRITER_USER, SearchServer
 from services.common.identity import X509Identity, identity_name, load_identity
 from services.common.kafka import client_config
 from services.common.topology import TopicSpec, all_topics, configured_sources, instance_name
@@ -48,14 +48,16 @@ from services.storage.migrate import apply_migrations
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".stack"
 TD = devca.TRUST_DOMAIN
 BROKER_ID = f"spiffe://{TD}/broker/kafka"
+SEARCH_ID = f"spiffe://{TD}/search/elasticsearch"
 BOOTSTRAP_ID = f"spiffe://{TD}/admin/bootstrap"
 # One identity per configured source (opa/pipeline/data.json): each writes only its own
 # raw topic, so the broker's authorization is the event's provenance.
 SOURCE_IDS = tuple(f"spiffe://{TD}/source/{name}" for name in configured_sources())
-# Every identity the development CA issues; the broker's also names its loopback address
-# so clients verify the broker's host name as well as its trust domain.
+# Every identity the development CA issues; the servers' (broker, Elasticsearch) also name
+# their loopback address so clients verify the host name as well as the trust domain.
 SPIFFE_IDS = (
     BROKER_ID,
+    SEARCH_ID,
     f"spiffe://{TD}/service/ingester",
     f"spiffe://{TD}/service/processor",
     f"spiffe://{TD}/service/storage",
@@ -140,6 +142,10 @@ class StackState:
     s3_secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
     # Instances per service the last `up` started (PIPELINE_<SERVICE>_INSTANCES).
     instances: dict[str, int] = field(default_factory=dict)
+    # Elasticsearch's file-realm users (deploy/local/search_server.py USERS).
+    es_admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    es_storage_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    es_operator_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
 
 class Stack:
@@ -177,7 +183,16 @@ class Stack:
         self.postgres = PostgresServer(self.root, p["postgres"])
         self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
         self.s3 = S3Server(self.root, p["s3"], self.state.s3_access_key, self.state.s3_secret_key)
-        self.search = SearchServer(self.root, p["elasticsearch"])
+        self.search = SearchServer(
+            self.root,
+            p["elasticsearch"],
+            self.identity_dir / identity_name(SEARCH_ID),
+            {
+                ADMIN_USER: self.state.es_admin_password,
+                WRITER_USER: self.state.es_storage_password,
+                READER_USER: self.state.es_operator_password,
+            },
+        )
         self.service_env = {"PIPELINE_LAKE_FLUSH_SECONDS": "10", **(service_env or {})}
         # Every instance of every service, by instance name (ingester, ingester-2, ...), in
         # start order; `services` is each service's first instance, under the service's name.
@@ -228,6 +243,8 @@ class Stack:
         if self.s3.ensure_bucket(LAKE_BUCKET):
             log(f"s3: created bucket {LAKE_BUCKET}")
         self._ensure(self.search.process, self.search.healthy, self.search.start, log)
+        if self.search.install_tls():  # a renewed certificate: the running node reloads it
+            log("elasticsearch: installed its renewed certificate")
         if self.apply_source_quotas():
             log(f"kafka: source quotas set to {self.source_byte_rate} bytes/s each")
         self.record_instances()
@@ -283,7 +300,10 @@ class Stack:
         service's identity; also used to wait for its restart after a kill."""
         instance = self.instances[name]
         identity = SERVICES[instance.service]
-        instance.start({**self.env(), **self.service_env, "PIPELINE_IDENTITY": identity})
+        # Elasticsearch credentials: storage's search sink writes as the writer; no other
+        # service talks to Elasticsearch, so none gets any.
+        search = self.search_credentials(WRITER_USER) if instance.service == "storage" else {}
+        instance.start({**self.env(), **search, **self.service_env, "PIPELINE_IDENTITY": identity})
 
     @staticmethod
     def _ensure(
@@ -318,8 +338,9 @@ class Stack:
                     continue
             except Exception:
                 pass
+            servers = (BROKER_ID, SEARCH_ID)
             extra = (
-                {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]} if spiffe_id == BROKER_ID else {}
+                {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]} if spiffe_id in servers else {}
             )
             devca.write_identity(self.identity_dir, ca, spiffe_id, **extra)
             issued.append(name)
@@ -501,17 +522,28 @@ class Stack:
             "PIPELINE_S3_ACCESS_KEY": self.state.s3_access_key,
             "PIPELINE_S3_SECRET_KEY": self.state.s3_secret_key,
             "PIPELINE_ES_URL": self.search.url,
+            "PIPELINE_ES_CA": str(self.search.ca_file),
             # Where each service answers /healthz, /readyz and /metrics (pipectl status): a
             # comma-separated list with one URL per instance, the first instance's first.
             **{f"PIPELINE_{name.upper()}_URL": ",".join(self.urls(name)) for name in SERVICES},
         }
+
+    def search_credentials(self, user: str) -> dict[str, str]:
+        """PIPELINE_ES_USERNAME and PIPELINE_ES_PASSWORD of one Elasticsearch user."""
+        username, password = self.search.credentials(user)
+        return {"PIPELINE_ES_USERNAME": username, "PIPELINE_ES_PASSWORD": password}
+
+    def operator_env(self) -> dict[str, str]:
+        """env() and the operator's own credentials (Elasticsearch's read-only user): what
+        .stack/env holds and pipectl runs with."""
+        return {**self.env(), **self.search_credentials(READER_USER)}
 
     def urls(self, service: str) -> list[str]:
         """Each instance's health/metrics URL, in instance order."""
         return [i.url for i in self.instances.values() if i.service == service]
 
     def write_env(self) -> None:
-        lines = [f"export {k}='{v}'" for k, v in self.env().items()]
+        lines = [f"export {k}='{v}'" for k, v in self.operator_env().items()]
         fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("# written by `make up`; source it: . .stack/env\n" + "\n".join(lines) + "\n")

@@ -1,5 +1,5 @@
 """`pipectl status` against the real stack, run as an operator runs it: a subprocess with
-the stack's PIPELINE_* settings, as the operator identity."""
+the stack's PIPELINE_* settings (those of .stack/env), as the operator identity."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ SETTLE_S = 120.0
 
 
 def status_json(stack: Stack) -> tuple[int, dict[str, Any]]:
-    result = pipectl(stack.env(), "status", "--json")
+    result = pipectl(stack.operator_env(), "status", "--json")
     assert result.returncode in (0, 1), result.stdout + result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -79,7 +79,7 @@ def test_status_shows_every_component_ok_and_every_group(stack: Stack) -> None:
     for store in ("postgres", "lake", "search"):
         assert is_count(data["stores"][store]["count"]), data["stores"][store]
 
-    text = pipectl(stack.env(), "status", "-v")
+    text = pipectl(stack.operator_env(), "status", "-v")
     assert text.returncode == 0, text.stdout + text.stderr
     assert text.stdout.splitlines()[0].endswith("all healthy")
     assert "records/s over the last" in text.stdout and "partition 5" in text.stdout
@@ -118,6 +118,16 @@ def test_status_counts_move_when_events_flow(stack: Stack) -> None:
     )
 
 
+def test_status_fails_elasticsearch_refused_its_credentials(stack: Stack) -> None:
+    env = {**stack.operator_env(), "PIPELINE_ES_PASSWORD": "wrong"}
+    result = pipectl(env, "status", "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    search = data["components"]["elasticsearch"]
+    assert not search["ok"] and "401" in search["detail"], search
+    assert "wrong" not in result.stdout + result.stderr
+
+
 def test_status_exits_1_naming_opa_when_opa_is_down(stack: Stack) -> None:
     wait_status(stack, healthy, "every component healthy")
     stack.opa.process.stop()
@@ -131,7 +141,7 @@ def test_status_exits_1_naming_opa_when_opa_is_down(stack: Stack) -> None:
         # Concurrent checks with short timeouts: a dead component does not make status slow.
         assert elapsed < 20, elapsed
 
-        text = pipectl(stack.env(), "status")
+        text = pipectl(stack.operator_env(), "status")
         assert text.returncode == 1
         first_line = text.stdout.splitlines()[0]
         assert "UNHEALTHY" in first_line and "opa" in first_line

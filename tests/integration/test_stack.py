@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import shlex
 import subprocess
+from pathlib import Path
 
 import asyncpg
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
+from deploy.local.search_server import READER_USER, WRITER_USER
 from deploy.local.stack import Stack
 from services.common.topology import (
     AUDIT,
@@ -55,6 +57,25 @@ def test_env_file_is_sourceable_and_complete(stack: Stack) -> None:
         assert env[key], key
     assert env["PIPELINE_KAFKA_BOOTSTRAP"] == stack.kafka.bootstrap
     assert oct(stack.env_file.stat().st_mode & 0o777) == "0o600"  # it holds the database password
+    # Elasticsearch as the operator's read-only user, over HTTPS verified by the stack's CA.
+    assert env["PIPELINE_ES_URL"].startswith("https://")
+    assert env["PIPELINE_ES_USERNAME"] == READER_USER
+    assert env["PIPELINE_ES_PASSWORD"] == stack.search.passwords[READER_USER]
+    assert Path(env["PIPELINE_ES_CA"]).read_bytes() == (stack.root / "ca" / "ca.pem").read_bytes()
+
+
+def test_each_service_runs_with_only_its_own_search_credentials(stack: Stack) -> None:
+    """What the running processes were given (their environment), not what the code means to give."""
+    for name, instance in stack.instances.items():
+        pid = instance.service_pid
+        assert pid is not None, name
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        if instance.service == "storage":
+            assert environ["PIPELINE_ES_USERNAME"] == WRITER_USER
+            assert environ["PIPELINE_ES_PASSWORD"] == stack.search.passwords[WRITER_USER]
+        else:
+            assert "PIPELINE_ES_PASSWORD" not in environ, name
 
 
 def test_database_has_migrations_applied(stack: Stack) -> None:
