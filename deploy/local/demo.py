@@ -149,6 +149,8 @@ def run(stack: Stack, events: int, timeout_s: float = 300.0) -> bool:
         "  .venv/bin/pipectl dlq stats              # dead letters by class and stage\n"
         "  .venv/bin/pipectl dlq list --class policy_denied\n"
         "  psql \"$PIPELINE_PG_DSN\" -c 'select type, count(*) from events group by 1 order by 2 desc'\n"
+        '  curl -s --cacert "$PIPELINE_ES_CA" -u "$PIPELINE_ES_USERNAME:$PIPELINE_ES_PASSWORD" \\\n'
+        '       "$PIPELINE_ES_URL/events-*/_count"      # the search index, as the read-only operator\n'
     )
     return ok_in and ok_proc
 

@@ -10,26 +10,64 @@ own logs (GC log) and temporary files live beside it. Console output goes to
 Elasticsearch refuses to run as root: as root, it runs as the system user `pipeline-es`
 (created here once, with useradd), which owns <stack>/elasticsearch/ and must be able to
 read the distribution and traverse the directories above the stack root.
+
+Security is on: HTTPS only, with the node's SVID from SPIRE (it names localhost) written to
+config/tls/ and rewritten at every renewal, which Elasticsearch watches and reloads; basic auth against the file realm, whose users (USERS)
+this module writes at each start with the passwords it is given, PBKDF2-hashed; their roles
+are roles.yml beside the templates. Nothing is anonymous.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import pwd
+import secrets
 import shutil
+import ssl
 import string
 import subprocess
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 
-from deploy.local import tools
+from deploy.local import devca, tools
+from deploy.local.os_users import as_user, ensure_system_user
 from deploy.local.processes import ManagedProcess, StackError, wait_until
 
 ES_VERSION = "8.19.21"  # keep in step with deploy/local/elasticsearch/pom.xml and the Makefile
 ES_USER = "pipeline-es"
 CONFIG_TEMPLATES = tools.LOCAL / "elasticsearch"
 START_TIMEOUT = 180.0  # a cold start takes 10-13 s on the 2-core machine; generous for a busy one
+# The file realm's users, each with its one role (roles.yml, or built in: superuser). The
+# stack keeps their passwords (stack.json) and hands each only to who acts as that user.
+ADMIN_USER = "pipeline-admin"  # the stack itself: health checks, tests that clean up
+WRITER_USER = "pipeline-storage"  # the storage service's search sink
+READER_USER = "pipeline-operator"  # the operator: .stack/env, pipectl status
+USERS = {ADMIN_USER: "superuser", WRITER_USER: "pipeline_writer", READER_USER: "pipeline_reader"}
+# PBKDF2 cost of the users file: Elasticsearch's default. The passwords are 192 random bits,
+# so stretching buys nothing here; the realm caches a verified password, so it costs once.
+PBKDF2_ITERATIONS = 10_000
+# The transport layer's own CA and certificate, made at each start and used by this node
+# alone: long enough that a node running for months never sees them expire.
+TRANSPORT_VALIDITY = timedelta(days=3650)
+
+
+def password_hash(password: str, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A users-file hash in Elasticsearch's PBKDF2 format, which the file realm recognises
+    by its prefix: {PBKDF2}<iterations>$<salt>$<key>, PBKDF2-HMAC-SHA512 with a 32-byte
+    salt and a 32-byte key, both base64."""
+    salt = secrets.token_bytes(32)
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, dklen=32)
+    return f"{{PBKDF2}}{iterations}${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
+
+
+def client_tls(ca_file: Path) -> ssl.SSLContext:
+    """A client context that trusts only the stack's CA (and checks the host name)."""
+    return ssl.create_default_context(cafile=str(ca_file))
 
 
 def elasticsearch_home() -> Path:
@@ -42,64 +80,58 @@ def elasticsearch_home() -> Path:
 
 def ensure_os_user() -> pwd.struct_passwd | None:
     """As root, the system user Elasticsearch runs as (created once); otherwise None (run as we are)."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        return pwd.getpwnam(ES_USER)
-    except KeyError:
-        pass
-    result = subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--user-group",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--comment",
-            "pipeline Elasticsearch (native stack)",
-            ES_USER,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:  # another stack may have created it at the same moment: that is fine too
-        return pwd.getpwnam(ES_USER)
-    except KeyError:
-        raise StackError(f"creating the OS user {ES_USER} failed: {result.stderr.strip()}") from None
+    return ensure_system_user(ES_USER, "pipeline Elasticsearch (native stack)")
 
 
 class SearchServer:
-    """Single-node Elasticsearch over plain HTTP on 127.0.0.1 (security off: loopback is the boundary)."""
+    """Single-node Elasticsearch over HTTPS on loopback, file-realm users with basic auth.
 
-    def __init__(self, root: Path, port: int):
+    Its certificate is its SVID, which the stack keeps written to config/tls/ (svid.pem,
+    key.pem, bundle.pem: deploy/local/spire_stack.py SvidFiles, as the ES user) before the
+    node starts and at every renewal; passwords: the password of each of USERS.
+    """
+
+    def __init__(self, root: Path, port: int, passwords: Mapping[str, str]):
+        missing = set(USERS) - set(passwords)
+        if missing:
+            raise StackError(f"no Elasticsearch password for {', '.join(sorted(missing))}")
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        # The name its SVID carries (SPIRE issues DNS names, not IP addresses).
+        self.url = f"https://localhost:{port}"
+        self.passwords = dict(passwords)
         self.dir = root / "elasticsearch"
         self.config_dir = self.dir / "config"
+        self.tls_dir = self.config_dir / "tls"
+        # The trust bundle beside the SVID: what the stack (and the operator, who may read
+        # it) verify the node with; rewritten with the SVID, so it follows CA rotations.
+        self.ca_file = self.tls_dir / "bundle.pem"
         self.data_dir = self.dir / "data"
         self.logs_dir = self.dir / "logs"
         self.tmp_dir = self.dir / "tmp"
         self.process = ManagedProcess("elasticsearch", root / "run", root / "logs")
 
+    def credentials(self, user: str) -> tuple[str, str]:
+        """(user, password) for basic auth as one of USERS."""
+        return user, self.passwords[user]
+
     def healthy(self) -> bool:
         """Cluster health green or yellow (yellow: replicas unassigned), from this stack's node:
-        one serving our data directory, not another server that happens to hold the port."""
+        one serving our data directory, not another server that happens to hold the port
+        (asked as the admin user, over TLS verified against the stack's CA)."""
         try:
-            local = httpx.get(
-                f"{self.url}/_nodes/_local/settings",
-                params={"filter_path": "nodes.*.settings.path.data"},
-                timeout=2,
-            )
-            health = httpx.get(f"{self.url}/_cluster/health", timeout=2)
+            with httpx.Client(
+                verify=client_tls(self.ca_file), auth=self.credentials(ADMIN_USER), timeout=2
+            ) as client:
+                local = client.get(
+                    f"{self.url}/_nodes/_local/settings",
+                    params={"filter_path": "nodes.*.settings.path.data"},
+                )
+                health = client.get(f"{self.url}/_cluster/health")
             if local.status_code != 200 or health.status_code != 200:
                 return False
             nodes = local.json().get("nodes", {}).values()
             data = [n["settings"]["path"]["data"] for n in nodes]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError):
             return False
         mine = {str(self.data_dir), str(self.data_dir.resolve())}
         ours = any(mine & set([d] if isinstance(d, str) else d) for d in data)
@@ -113,7 +145,7 @@ class SearchServer:
         prefix: list[str] = []
         if user is not None:
             home = self._readable_home(user, home)
-            prefix = self._as_user(user)
+            prefix = as_user(user)
         self.process.start(
             [*prefix, str(home / "bin" / "elasticsearch")],
             env={
@@ -151,35 +183,52 @@ class SearchServer:
         for name in ("elasticsearch.yml", "jvm.options"):
             text = string.Template((CONFIG_TEMPLATES / name).read_text()).substitute(values)
             (self.config_dir / name).write_text(text)
-        shutil.copyfile(CONFIG_TEMPLATES / "log4j2.properties", self.config_dir / "log4j2.properties")
+        for name in ("log4j2.properties", "roles.yml"):
+            shutil.copyfile(CONFIG_TEMPLATES / name, self.config_dir / name)
+        self._write_users(user)
+        self._write_transport_tls(user)
         for d in (self.dir, self.config_dir):
             d.chmod(0o750)
         if user is not None:
             self._own(user)
 
+    def _write_users(self, user: pwd.struct_passwd | None) -> None:
+        """The file realm's users (hashed passwords, readable by the ES user only) and roles."""
+        users = "".join(f"{name}:{password_hash(self.passwords[name])}\n" for name in USERS)
+        _replace(self.config_dir / "users", users.encode(), 0o600, user)
+        roles: dict[str, list[str]] = {}
+        for name, role in USERS.items():
+            roles.setdefault(role, []).append(name)
+        users_roles = "".join(f"{role}:{','.join(names)}\n" for role, names in roles.items())
+        _replace(self.config_dir / "users_roles", users_roles.encode(), 0o644, user)
+
+    def _write_transport_tls(self, user: pwd.struct_passwd | None) -> None:
+        """A CA for this node alone and the node's transport certificate from it; the CA's
+        key is dropped, so no other certificate can ever be made that the transport trusts."""
+        ca = devca.create_ca("transport.elasticsearch.invalid", validity=TRANSPORT_VALIDITY)
+        key_pem, cert_pem = devca.issue_certificate(
+            ca,
+            dns_names=["localhost"],
+            ip_addresses=["127.0.0.1"],
+            not_after=datetime.now(UTC) + TRANSPORT_VALIDITY,
+        )
+        target = self.config_dir / "transport"
+        target.mkdir(parents=True, exist_ok=True)
+        _replace(target / "ca.pem", ca.bundle_pem, 0o644, user)
+        _replace(target / "node.pem", cert_pem, 0o644, user)
+        _replace(target / "node-key.pem", key_pem, 0o600, user)
+
     def _own(self, user: pwd.struct_passwd) -> None:
         """The ES user owns <stack>/elasticsearch/ and all in it (it writes its keystore to config/)."""
         ids = (user.pw_uid, user.pw_gid)
-        if (os.stat(self.dir).st_uid, os.stat(self.dir).st_gid) != ids:  # new, or made by someone else
-            paths = [Path(top) / n for top, dirs, files in os.walk(self.dir) for n in (*dirs, *files)]
-        else:
-            paths = [self.config_dir / n for n in ("elasticsearch.yml", "jvm.options", "log4j2.properties")]
+        # All of it when new (or made by someone else), else config/, which each start rewrites.
+        ours = (os.stat(self.dir).st_uid, os.stat(self.dir).st_gid) == ids
+        top = self.config_dir if ours else self.dir
+        paths = [Path(d) / n for d, dirs, files in os.walk(top) for n in (*dirs, *files)]
         for path in [self.dir, self.config_dir, self.data_dir, self.logs_dir, self.tmp_dir, *paths]:
             st = os.lstat(path)
             if (st.st_uid, st.st_gid) != ids:
                 os.lchown(path, *ids)
-
-    @staticmethod
-    def _as_user(user: pwd.struct_passwd) -> list[str]:
-        # setpriv execs in place (no PAM session, no extra process): the pid file names the JVM
-        # launcher, and its uid, gid and groups are all the ES user's (Popen's user= keeps root's gid).
-        return [
-            "setpriv",
-            f"--reuid={user.pw_uid}",
-            f"--regid={user.pw_gid}",
-            "--init-groups",
-            "--",
-        ]
 
     def _readable_home(self, user: pwd.struct_passwd, home: Path) -> Path:
         """The distribution as the ES user can reach it: in place when the directories above it
@@ -207,7 +256,7 @@ class SearchServer:
 
     def _can_use(self, user: pwd.struct_passwd, home: Path) -> bool:
         probe = [
-            *self._as_user(user),
+            *as_user(user),
             "sh",
             "-c",
             'test -r "$1" && test -x "$2" && test -w "$3"',
@@ -217,3 +266,16 @@ class SearchServer:
             str(self.data_dir),
         ]
         return subprocess.run(probe, check=False).returncode == 0
+
+
+def _replace(path: Path, data: bytes, mode: int, user: pwd.struct_passwd | None) -> None:
+    """Write a file whole: a temporary file beside it, with its mode and owner set, renamed
+    over it (a reader sees the old file or the new one, never a part)."""
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(partial, mode)
+    if user is not None:
+        os.chown(partial, user.pw_uid, user.pw_gid)
+    os.replace(partial, path)

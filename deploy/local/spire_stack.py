@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import string
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from deploy.local import tools
-from deploy.local.os_users import switching_users
+from deploy.local.os_users import as_user, own, switching_users
 from deploy.local.processes import ManagedProcess, StackError, wait_until
 
 TRUST_DOMAIN = "pipeline.local"
@@ -280,3 +282,48 @@ class SpireAgent:
             log=self.process.log_file,
             interval=0.5,
         )
+
+
+class SvidFiles:
+    """A server's SVID as files it reads and reloads (OPA, Elasticsearch): a process of ours
+    (`python -m services.common.identity <id> --write DIR --follow`), run as that server's
+    system user so SPIRE attests it as that server, which rewrites svid.pem, key.pem and
+    bundle.pem in DIR at every renewal."""
+
+    FILES = ("svid.pem", "key.pem", "bundle.pem")
+
+    def __init__(self, root: Path, server: str, spiffe_id: str, directory: Path, agent: SpireAgent):
+        self.spiffe_id, self.directory, self.agent = spiffe_id, directory, agent
+        self.process = ManagedProcess(f"{server}-svid", root / "run", root / "logs")
+
+    def written(self) -> bool:
+        return self.process.running() and all((self.directory / f).is_file() for f in self.FILES)
+
+    def start(self, user: pwd.struct_passwd | None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        own([self.directory], user)
+        self.directory.chmod(0o700)
+        argv = [
+            sys.executable,
+            "-m",
+            "services.common.identity",
+            self.spiffe_id,
+            "--write",
+            str(self.directory),
+        ]
+        self.process.start(
+            [*as_user(user), *argv, "--follow"],
+            env={"SPIFFE_ENDPOINT_SOCKET": self.agent.endpoint},
+            cwd=tools.REPO,
+        )
+        wait_until(
+            self._written_or_exited,
+            timeout=START_TIMEOUT,
+            what=f"{self.spiffe_id} written to {self.directory}",
+            log=self.process.log_file,
+        )
+
+    def _written_or_exited(self) -> bool:
+        if self.process.exited():
+            raise StackError(f"{self.process.name} exited during start; see {self.process.log_file}")
+        return self.written()

@@ -43,13 +43,14 @@ from deploy.local.components import KafkaBroker, OpaServer, PipelineService, Pos
 from deploy.local.os_users import as_user, can_run, ensure_system_user, switching_users
 from deploy.local.processes import ManagedProcess, StackError
 from deploy.local.s3server import S3Server
-from deploy.local.search_server import SearchServer
+from deploy.local.search_server import ADMIN_USER, READER_USER, WRITER_USER, SearchServer, ensure_os_user
 from deploy.local.spire_stack import (
     DEFAULT_SVID_TTL_SECONDS,
     ENTRIES_FILE,
     TRUST_DOMAIN,
     SpireAgent,
     SpireServer,
+    SvidFiles,
     load_entries,
     unix_users,
 )
@@ -62,6 +63,7 @@ REPO_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO_DIR / ".stack"
 TD = TRUST_DOMAIN
 BROKER_ID = f"spiffe://{TD}/broker/kafka"
+SEARCH_ID = f"spiffe://{TD}/search/elasticsearch"
 BOOTSTRAP_ID = f"spiffe://{TD}/admin/bootstrap"
 # One identity per configured source (opa/pipeline/data.json): each writes only its own
 # raw topic, so the broker's authorization is the event's provenance.
@@ -155,6 +157,10 @@ class StackState:
     instances: dict[str, int] = field(default_factory=dict)
     # Password of each PG_LOGINS role, by its key there.
     pg_login_passwords: dict[str, str] = field(default_factory=dict)
+    # Elasticsearch's file-realm users (deploy/local/search_server.py USERS).
+    es_admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    es_storage_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    es_operator_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
 
 class Stack:
@@ -196,7 +202,18 @@ class Stack:
         self.postgres = PostgresServer(self.root, p["postgres"])
         self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
         self.s3 = S3Server(self.root, p["s3"], self.state.s3_access_key, self.state.s3_secret_key)
-        self.search = SearchServer(self.root, p["elasticsearch"])
+        self.search = SearchServer(
+            self.root,
+            p["elasticsearch"],
+            {
+                ADMIN_USER: self.state.es_admin_password,
+                WRITER_USER: self.state.es_storage_password,
+                READER_USER: self.state.es_operator_password,
+            },
+        )
+        self.search_svid = SvidFiles(
+            self.root, "elasticsearch", SEARCH_ID, self.search.tls_dir, self.spire_agent
+        )
         self.service_env = {"PIPELINE_LAKE_FLUSH_SECONDS": "10", **(service_env or {})}
         # Every instance of every service, by instance name (ingester, ingester-2, ...), in
         # start order; `services` is each service's first instance, under the service's name.
@@ -246,6 +263,13 @@ class Stack:
         self._ensure(self.s3.process, self.s3.healthy, self.s3.start, log)
         if self.s3.ensure_bucket(LAKE_BUCKET):
             log(f"s3: created bucket {LAKE_BUCKET}")
+        search_user = ensure_os_user()
+        self._ensure(
+            self.search_svid.process,
+            self.search_svid.written,
+            lambda: self.search_svid.start(search_user),
+            log,
+        )
         self._ensure(self.search.process, self.search.healthy, self.search.start, log)
         if self.apply_source_quotas():
             log(f"kafka: source quotas set to {self.source_byte_rate} bytes/s each")
@@ -282,6 +306,7 @@ class Stack:
         processes = [*self._surplus_instances(), *(s.process for s in reversed(self.instances.values()))]
         servers = [
             self.search.process,
+            self.search_svid.process,
             self.s3.process,
             self.kafka.process,
             self.postgres.process,
@@ -305,6 +330,9 @@ class Stack:
         instance = self.instances[name]
         env = {
             **self.env_for(instance.service),
+            # Elasticsearch credentials: storage's search sink writes as the writer; no other
+            # service talks to Elasticsearch, so none gets any.
+            **(self.search_credentials(WRITER_USER) if instance.service == "storage" else {}),
             **self.service_env,
             "PIPELINE_IDENTITY": SERVICES[instance.service],
         }
@@ -578,9 +606,14 @@ class Stack:
             json.dump(asdict(state), f, indent=2)
 
     def env(self) -> dict[str, str]:
-        """The operator's settings (.stack/env, pipectl): the read-only database login, and
-        the lake's keys, with which `pipectl status` counts the lake's objects."""
-        return self._settings("operator", lake_keys=True)
+        """The operator's settings (.stack/env, pipectl): the read-only database login, the
+        lake's keys, with which `pipectl status` counts the lake's objects, and the
+        read-only Elasticsearch user with the bundle that verifies the node."""
+        return {
+            **self._settings("operator", lake_keys=True),
+            "PIPELINE_ES_CA": str(self.search.ca_file),
+            **self.search_credentials(READER_USER),
+        }
 
     def env_for(self, service: str) -> dict[str, str]:
         """A service's settings: its own database login, and the lake's keys for storage
@@ -606,6 +639,11 @@ class Stack:
             # comma-separated list with one URL per instance, the first instance's first.
             **{f"PIPELINE_{name.upper()}_URL": ",".join(self.urls(name)) for name in SERVICES},
         }
+
+    def search_credentials(self, user: str) -> dict[str, str]:
+        """PIPELINE_ES_USERNAME and PIPELINE_ES_PASSWORD of one Elasticsearch user."""
+        username, password = self.search.credentials(user)
+        return {"PIPELINE_ES_USERNAME": username, "PIPELINE_ES_PASSWORD": password}
 
     def urls(self, service: str) -> list[str]:
         """Each instance's health/metrics URL, in instance order."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, model_validator
 
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
@@ -29,7 +29,15 @@ class StorageSettings(StageSettings):
     s3_bucket: str | None = None
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
-    es_url: str | None = Field(None, pattern=r"^https?://")
+    # HTTPS only: the password goes with every request.
+    es_url: str | None = Field(None, pattern=r"^https://", description="Elasticsearch, https://host:port")
+    es_username: str | None = Field(None, min_length=1)
+    es_password: SecretStr | None = None
+    es_ca: FilePath | None = Field(
+        None,
+        description="CA bundle (PEM) that verifies Elasticsearch's certificate; default: the trust "
+        "bundle of this service's SPIFFE identity (a node with an SVID of the same trust domain)",
+    )
     es_refresh_interval: str = Field(
         "5s",
         pattern=r"^(-1|[0-9]+(ms|s|m|h))$",
@@ -51,7 +59,7 @@ class StorageSettings(StageSettings):
             )
         needs = {
             "lake": ("s3_endpoint", "s3_bucket", "s3_access_key", "s3_secret_key"),
-            "search": ("es_url",),
+            "search": ("es_url", "es_username", "es_password"),
         }
         for sink, fields in needs.items():
             missing = [
@@ -62,7 +70,9 @@ class StorageSettings(StageSettings):
         return self
 
 
-def make_sink(name: str, settings: StorageSettings) -> Sink:
+def make_sink(name: str, settings: StorageSettings, trust_bundle: bytes) -> Sink:
+    """trust_bundle: the service's SPIFFE trust bundle (PEM), what verifies a store's
+    certificate when no CA of its own is set."""
     # Imported here so a process running only some sinks needs only their clients.
     if name == "postgres":
         from services.storage.sinks.postgres import PostgresSink
@@ -77,8 +87,13 @@ def make_sink(name: str, settings: StorageSettings) -> Sink:
         return LakeSink(endpoint, bucket, access_key, secret_key.get_secret_value())  # type: ignore[arg-type, union-attr]
     from services.storage.sinks.search import SearchSink
 
-    assert settings.es_url, "checked by StorageSettings"
-    return SearchSink(settings.es_url, refresh_interval=settings.es_refresh_interval)
+    assert settings.es_url and settings.es_username and settings.es_password, "checked by StorageSettings"
+    return SearchSink(
+        settings.es_url,
+        auth=(settings.es_username, settings.es_password.get_secret_value()),
+        ca_pem=settings.es_ca.read_bytes() if settings.es_ca else trust_bundle,
+        refresh_interval=settings.es_refresh_interval,
+    )
 
 
 async def build(runtime: Runtime[StorageSettings]) -> Built:
@@ -93,7 +108,7 @@ async def build(runtime: Runtime[StorageSettings]) -> Built:
         if name == "analytics":
             loops.append(runtime.transactional(stage, AnalyticsForwarder(runtime.store, opa, waiter), waiter))
             continue
-        sink = make_sink(name, settings)
+        sink = make_sink(name, settings, clients.identity.bundle_pem)
         sinks.append(sink)
         # The lake buffers into large Parquet objects; the other stores take every batch.
         flush = (

@@ -12,6 +12,7 @@ import boto3
 import pyarrow.parquet as pq
 from elasticsearch import Elasticsearch
 
+from deploy.local.search_server import ADMIN_USER, client_tls
 from deploy.local.stack import LAKE_BUCKET, Stack
 
 
@@ -42,8 +43,15 @@ def lake_rows(stack: Stack, ids: set[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def search_client(stack: Stack) -> Elasticsearch:
-    return Elasticsearch(stack.search.url, request_timeout=30)
+def search_client(stack: Stack, user: str = ADMIN_USER) -> Elasticsearch:
+    """A client of the stack's Elasticsearch as one of its users (default: the admin, which
+    may also refresh and clean up)."""
+    return Elasticsearch(
+        stack.search.url,
+        basic_auth=stack.search.credentials(user),
+        ssl_context=client_tls(stack.search.ca_file),
+        request_timeout=30,
+    )
 
 
 def search_docs(stack: Stack, ids: set[str]) -> list[dict[str, Any]]:

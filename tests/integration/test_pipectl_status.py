@@ -1,5 +1,5 @@
 """`pipectl status` against the real stack, run as an operator runs it: a subprocess with
-the stack's PIPELINE_* settings, as the operator identity."""
+the stack's PIPELINE_* settings (those of .stack/env), as the operator identity."""
 
 from __future__ import annotations
 
@@ -116,6 +116,16 @@ def test_status_counts_move_when_events_flow(stack: Stack) -> None:
     assert group(after, "pipeline-storage-postgres")["committed"] > (
         group(before, "pipeline-storage-postgres")["committed"] or 0
     )
+
+
+def test_status_fails_elasticsearch_refused_its_credentials(stack: Stack) -> None:
+    env = {**stack.env(), "PIPELINE_ES_PASSWORD": "wrong"}
+    result = pipectl(env, "status", "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    search = data["components"]["elasticsearch"]
+    assert not search["ok"] and "401" in search["detail"], search
+    assert "wrong" not in result.stdout + result.stderr
 
 
 def test_status_exits_1_naming_opa_when_opa_is_down(stack: Stack) -> None:

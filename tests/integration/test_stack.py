@@ -6,10 +6,12 @@ import asyncio
 import shlex
 import subprocess
 import uuid
+from pathlib import Path
 
 import asyncpg
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
+from deploy.local.search_server import READER_USER, WRITER_USER
 from deploy.local.stack import Stack
 from services.common.topology import (
     AUDIT,
@@ -26,7 +28,7 @@ from services.common.topology import (
 
 def test_second_up_changes_nothing(stack: Stack) -> None:
     processes = [stack.spire_server.process, stack.spire_agent.process, stack.opa.process]
-    processes += [stack.postgres.process, stack.kafka.process, stack.s3.process]
+    processes += [stack.postgres.process, stack.kafka.process, stack.s3.process, stack.search_svid.process]
     processes.append(stack.search.process)
     processes += [s.process for s in stack.services.values()]
     pids = {p.name: p.pid for p in processes}
@@ -40,6 +42,7 @@ def test_second_up_changes_nothing(stack: Stack) -> None:
         "postgres: already running",
         "kafka: already running",
         "s3: already running",
+        "elasticsearch-svid: already running",
         "elasticsearch: already running",
         "ingester: already running",
         "processor: already running",
@@ -59,6 +62,25 @@ def test_env_file_is_sourceable_and_complete(stack: Stack) -> None:
         assert env[key], key
     assert env["PIPELINE_KAFKA_BOOTSTRAP"] == stack.kafka.bootstrap
     assert oct(stack.env_file.stat().st_mode & 0o777) == "0o600"  # it holds the database password
+    # Elasticsearch as the operator's read-only user, over HTTPS verified by SPIRE's bundle.
+    assert env["PIPELINE_ES_URL"].startswith("https://")
+    assert env["PIPELINE_ES_USERNAME"] == READER_USER
+    assert env["PIPELINE_ES_PASSWORD"] == stack.search.passwords[READER_USER]
+    assert Path(env["PIPELINE_ES_CA"]).read_text() == stack.spire_server.bundle_pem()
+
+
+def test_each_service_runs_with_only_its_own_search_credentials(stack: Stack) -> None:
+    """What the running processes were given (their environment), not what the code means to give."""
+    for name, instance in stack.instances.items():
+        pid = instance.service_pid
+        assert pid is not None, name
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        if instance.service == "storage":
+            assert environ["PIPELINE_ES_USERNAME"] == WRITER_USER
+            assert environ["PIPELINE_ES_PASSWORD"] == stack.search.passwords[WRITER_USER]
+        else:
+            assert "PIPELINE_ES_PASSWORD" not in environ, name
 
 
 def test_database_has_migrations_applied(stack: Stack) -> None:

@@ -397,7 +397,9 @@ def settings_for(tmp_path: Path, port: int) -> StatusSettings:
         s3_bucket="b",
         s3_access_key="a",
         s3_secret_key="s",  # type: ignore[arg-type]
-        es_url=url,
+        es_url=f"https://127.0.0.1:{port}",
+        es_username="pipeline-operator",
+        es_password="p",  # type: ignore[arg-type]
         ingester_url=url,
         processor_url=url,
         storage_url=url,
@@ -452,7 +454,7 @@ def closed_port() -> int:
 @pytest.fixture
 def nothing_reachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, closed_port: int) -> None:
     settings = settings_for(tmp_path, closed_port)
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(exclude_none=True).items():
         raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
         monkeypatch.setenv(f"PIPELINE_{name.upper()}", str(raw))
 
@@ -483,6 +485,23 @@ def test_missing_setting_exits_2_naming_it(
     assert main(["status"]) == 2
     err = capsys.readouterr().err
     assert "PIPELINE_STORAGE_URL" in err and "PIPELINE_ES_URL" in err
+
+
+def test_elasticsearch_needs_https_credentials_and_an_existing_ca_exits_2_naming_them(
+    nothing_reachable: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PIPELINE_ES_URL", "http://127.0.0.1:9200")  # the password would go in clear
+    monkeypatch.delenv("PIPELINE_ES_USERNAME")
+    monkeypatch.setenv("PIPELINE_ES_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("PIPELINE_ES_CA", "/nonexistent/ca.pem")
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err
+    for name in ("PIPELINE_ES_URL", "PIPELINE_ES_USERNAME", "PIPELINE_ES_CA"):
+        assert name in err
+    assert "hunter2-secret" not in err
+    monkeypatch.delenv("PIPELINE_ES_PASSWORD")
+    assert main(["status"]) == 2
+    assert "PIPELINE_ES_PASSWORD" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -91,9 +91,13 @@ PLAIN_NUMBERS = st.one_of(
     st.integers(-(2**63), 2**64 - 1).map(str),
     st.integers(-1000, 1000).map(str),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
-    st.sampled_from(["-0", "-0.0", "1E2", "1e-400", "1.7976931348623157e308", "0.1000000000000000055511151231257827"]),
+    st.sampled_from(
+        ["-0", "-0.0", "1E2", "1e-400", "1.7976931348623157e308", "0.1000000000000000055511151231257827"]
+    ),
 )
-PLAIN_STRINGS = st.one_of(PLAIN_KEYS, st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=10))
+PLAIN_STRINGS = st.one_of(
+    PLAIN_KEYS, st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=10)
+)
 STRINGS = st.one_of(
     KEYS,
     st.sampled_from(["\u2028", "\x7f", "\x85", "a\x00b", "\udfff", ":)", '":', "\\u0000", "}", "],"]),
@@ -170,7 +174,13 @@ def many(draw: st.DrawFn) -> str:
     """Properties near the item limit (keys and elements in all)."""
     n = draw(st.integers(MAX_PROPERTIES_ITEMS - 3, MAX_PROPERTIES_ITEMS + 1))
     split = draw(st.integers(1, n - 1))
-    return '{"a":[' + ",".join(["1"] * (n - split - 1)) + '],"b":{' + ",".join(f'"k{i}":0' for i in range(split - 1)) + "}}"
+    return (
+        '{"a":['
+        + ",".join(["1"] * (n - split - 1))
+        + '],"b":{'
+        + ",".join(f'"k{i}":0' for i in range(split - 1))
+        + "}}"
+    )
 
 
 FIELD_VALUES: dict[str, st.SearchStrategy[str]] = {
@@ -263,7 +273,6 @@ def test_arbitrary_bytes(value: bytes) -> None:
 # ---- examples ----------------------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize(
     "properties",
     [
@@ -321,7 +330,9 @@ def test_generated_traffic_takes_the_fast_path_with_the_same_result() -> None:
     assert valid > 1800
 
 
-@pytest.mark.parametrize("offset", [timedelta(hours=-23, minutes=-59), timedelta(0), timedelta(hours=5, minutes=30)])
+@pytest.mark.parametrize(
+    "offset", [timedelta(hours=-23, minutes=-59), timedelta(0), timedelta(hours=5, minutes=30)]
+)
 def test_the_offset_is_kept(offset: timedelta) -> None:
     stamp = (NOW - timedelta(hours=1)).astimezone(timezone(offset)).isoformat()
     fast = agrees(BASE.replace(b"2026-11-26T14:03:07Z", stamp.encode()) % b"{}")

@@ -33,7 +33,9 @@ from services.storage.sinks.base import StoredEvent
 
 NOW = datetime(2026, 11, 26, 15, 0, tzinfo=UTC)
 # As the processor and the sinks read and write them: timestamps as integer microseconds.
-VALIDATED_AS_MICROS = AvroSerde(SchemaStore.load(), "pipeline.events.ValidatedEvent", timestamps_as_micros=True)
+VALIDATED_AS_MICROS = AvroSerde(
+    SchemaStore.load(), "pipeline.events.ValidatedEvent", timestamps_as_micros=True
+)
 PROCESSED = AvroSerde(SchemaStore.load(), "pipeline.events.ProcessedEvent", timestamps_as_micros=True)
 # database=None: no .hypothesis/ directory in the working tree.
 EXAMPLES = settings(

@@ -299,7 +299,6 @@ def test_a_bulk_request_refused_as_a_whole_is_split_to_the_bad_documents() -> No
     assert len(es.created) == 999 and len(es.requests) < 30
 
 
-
 def test_a_large_batch_goes_as_concurrent_bulk_requests_and_every_verdict_is_kept() -> None:
     es = FakeElasticsearch(item_status={"ok-1500": 400})
     refused = asyncio.run(search_sink(es).write(batch(2000)))
@@ -310,6 +309,7 @@ def test_a_large_batch_goes_as_concurrent_bulk_requests_and_every_verdict_is_kep
     with pytest.raises(DependencyUnavailable):
         asyncio.run(search_sink(overloaded).write(batch(2000)))
     assert len(overloaded.requests) == 4  # all answered before the batch is retried
+
 
 @pytest.mark.parametrize("status", [429, 503, 401, 403])
 def test_a_bulk_request_refused_for_the_clusters_state_waits(status: int) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
+import ssl
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import orjson
@@ -11,9 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from deploy.local import devca
 from services.common.avro import micros
+from services.common.config import describe_settings_error
+from services.common.identity import identity_name
 from services.common.policy_input import property_keys
-from services.storage.service import StorageSettings
+from services.storage.service import StorageSettings, make_sink
 from services.storage.sinks import lake, search
 from services.storage.sinks.base import StoredEvent
 
@@ -119,3 +126,68 @@ def test_postgres_and_analytics_need_nothing_more(monkeypatch: pytest.MonkeyPatc
     for k, v in {**BASE_ENV, "PIPELINE_SINKS": "postgres, analytics"}.items():
         monkeypatch.setenv(k, v)
     assert StorageSettings().sink_names == ["postgres", "analytics"]
+
+
+SEARCH_ENV = {
+    "PIPELINE_SINKS": "search",
+    "PIPELINE_ES_URL": "https://127.0.0.1:9200",
+    "PIPELINE_ES_USERNAME": "pipeline-storage",
+    "PIPELINE_ES_PASSWORD": "hunter2-secret",
+}
+
+
+def search_settings(monkeypatch: pytest.MonkeyPatch, **changes: str | None) -> StorageSettings:
+    env = {**BASE_ENV, **SEARCH_ENV, **{f"PIPELINE_{k.upper()}": v for k, v in changes.items()}}
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    return StorageSettings()
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"es_username": None}, "PIPELINE_ES_USERNAME"),
+        ({"es_password": None}, "PIPELINE_ES_PASSWORD"),
+        ({"es_username": None, "es_password": None}, "PIPELINE_ES_USERNAME, PIPELINE_ES_PASSWORD"),
+        # The password goes with every request: plain HTTP is refused, not used.
+        ({"es_url": "http://127.0.0.1:9200"}, "PIPELINE_ES_URL"),
+        ({"es_ca": "/nonexistent/ca.pem"}, "PIPELINE_ES_CA"),
+    ],
+)
+def test_the_search_sink_needs_https_and_credentials(
+    monkeypatch: pytest.MonkeyPatch, changes: dict[str, str | None], named: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        search_settings(monkeypatch, **changes)
+    # What a service prints at start (service_main): the variable named, no value repeated.
+    message = describe_settings_error(refused.value)
+    assert named in message and "hunter2-secret" not in message
+
+
+def test_search_settings_make_a_client_with_basic_auth_and_the_ca(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca = devca.create_ca()
+    devca.write_identity(tmp_path, ca, "spiffe://pipeline.local/search/elasticsearch")
+    bundle = tmp_path / identity_name("spiffe://pipeline.local/search/elasticsearch") / "bundle.pem"
+    settings = search_settings(monkeypatch, es_ca=str(bundle))
+    assert "hunter2-secret" not in repr(settings) and "hunter2-secret" not in str(settings.model_dump())
+    sink = make_sink("search", settings, trust_bundle=b"not used: PIPELINE_ES_CA is set")
+    try:
+        node = sink.client.transport.node_pool.get()
+        assert node.base_url == "https://127.0.0.1:9200"
+        expected = base64.b64encode(b"pipeline-storage:hunter2-secret").decode()
+        assert sink.client._headers["authorization"] == f"Basic {expected}"
+        # The node's TLS context trusts the given CA, and checks host names.
+        context = node._ssl_context
+        assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+        [trusted] = context.get_ca_certs()
+        assert dict(name for [name] in trusted["subject"]) == {
+            "organizationName": "pipeline development CA",
+            "commonName": "pipeline.local dev CA",
+        }
+    finally:
+        asyncio.run(sink.close())

@@ -20,7 +20,9 @@ from services.common.topology import (
     raw_topic,
 )
 
-ROLES = json.loads((Path(__file__).resolve().parents[2] / "opa" / "data.json").read_text())["kafka_acl"]["roles"]
+ROLES = json.loads((Path(__file__).resolve().parents[2] / "opa" / "data.json").read_text())["kafka_acl"][
+    "roles"
+]
 SERVICE_STAGES = {"ingester": (INGESTER,), "processor": (PROCESSOR,), "storage": STORAGE_STAGES}
 
 

@@ -81,7 +81,7 @@ class Collector:
                 ),
                 guarded(
                     "elasticsearch",
-                    probe_elasticsearch(client, settings.es_url),
+                    probe_elasticsearch(settings),
                     lambda e: (Check("elasticsearch", False, e), StoreCount("search", DOCUMENTS, skipped=e)),
                 ),
             )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, FilePath, SecretStr
 
 from services.cli.settings import CliSettings
 from services.common.topology import (
@@ -55,7 +55,12 @@ class StatusSettings(CliSettings):
     s3_bucket: str = Field(min_length=1)
     s3_access_key: str = Field(min_length=1)
     s3_secret_key: SecretStr
-    es_url: str = Field(pattern=r"^https?://")
+    # Elasticsearch over HTTPS only (the password goes with every request), as a user that
+    # may read cluster health and the event indices (the stack's operator user).
+    es_url: str = Field(pattern=r"^https://")
+    es_username: str = Field(min_length=1)
+    es_password: SecretStr
+    es_ca: FilePath | None = None  # CA bundle (PEM) for Elasticsearch's certificate; default: the system's
     ingester_url: str = Field(pattern=URLS)
     processor_url: str = Field(pattern=URLS)
     storage_url: str = Field(pattern=URLS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import threading
 import time
 from collections import Counter
@@ -172,7 +173,19 @@ async def probe_postgres(dsn: str) -> tuple[Check, StoreCount]:
         await conn.close(timeout=CHECK_TIMEOUT_S)
 
 
-async def probe_elasticsearch(client: httpx.AsyncClient, url: str) -> tuple[Check, StoreCount]:
+def elasticsearch_client(settings: StatusSettings) -> httpx.AsyncClient:
+    """A client of its own for Elasticsearch: its CA and basic auth apply to it alone."""
+    verify = ssl.create_default_context(cafile=str(settings.es_ca) if settings.es_ca else None)
+    auth = (settings.es_username, settings.es_password.get_secret_value())
+    return httpx.AsyncClient(timeout=CHECK_TIMEOUT_S, verify=verify, auth=auth)
+
+
+async def probe_elasticsearch(settings: StatusSettings) -> tuple[Check, StoreCount]:
+    async with elasticsearch_client(settings) as client:
+        return await _probe_elasticsearch(client, settings.es_url)
+
+
+async def _probe_elasticsearch(client: httpx.AsyncClient, url: str) -> tuple[Check, StoreCount]:
     base = url.rstrip("/")
     documents = StoreCount("search", DOCUMENTS)
     try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -139,9 +140,26 @@ class SearchSink:
     name = "search"
     dependency = "elasticsearch"
 
-    def __init__(self, url: str, prefix: str = "events", refresh_interval: str = DEFAULT_REFRESH_INTERVAL):
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: tuple[str, str] | None = None,
+        ca_pem: bytes | None = None,
+        prefix: str = "events",
+        refresh_interval: str = DEFAULT_REFRESH_INTERVAL,
+    ):
+        """auth: basic auth (user, password); ca_pem: the CA bundle (PEM) that verifies an
+        https:// node's certificate (default: the system's). The client keeps its connections alive
+        and reuses them, so TLS costs a handshake per connection, not per bulk request."""
         self.prefix, self.refresh_interval = prefix, refresh_interval
-        self.client = AsyncElasticsearch(url, request_timeout=30, serializer=OrjsonSerializer())
+        # A context of our own rather than ca_certs: for a node named by its IP address
+        # (https://127.0.0.1:...) the client would skip the name check; this one checks the
+        # address against the certificate's IP SANs.
+        tls = {"ssl_context": ssl.create_default_context(cadata=ca_pem.decode())} if ca_pem else {}
+        self.client = AsyncElasticsearch(
+            url, basic_auth=auth, request_timeout=30, serializer=OrjsonSerializer(), **tls
+        )
         self._template_ready = False
         self._indices: dict[int, str] = {}  # index names by day since the epoch
 
