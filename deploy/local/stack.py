@@ -4,7 +4,7 @@ Starts real components as local processes, in dependency order, each waited on u
 healthy: development SVIDs, OPA, PostgreSQL (with migrations), Kafka (KRaft, mTLS, OPA
 authorizer), then the pipeline topics. State lives under one root (default .stack/):
 stack.json (ports, cluster id), env (PIPELINE_* settings), logs/, run/ (pid files),
-identities/<name>/, ca/, kafka/, postgres/. Running `up` again changes nothing that runs.
+identities/<name>/, ca/, opa/, kafka/, postgres/. Running `up` again changes nothing that runs.
 """
 
 from __future__ import annotations
@@ -48,14 +48,17 @@ from services.storage.migrate import apply_migrations
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / ".stack"
 TD = devca.TRUST_DOMAIN
 BROKER_ID = f"spiffe://{TD}/broker/kafka"
+OPA_ID = f"spiffe://{TD}/control/opa"
+# The admin identity: creates topics at the broker, and alone may change OPA's policies and data.
 BOOTSTRAP_ID = f"spiffe://{TD}/admin/bootstrap"
 # One identity per configured source (opa/pipeline/data.json): each writes only its own
 # raw topic, so the broker's authorization is the event's provenance.
 SOURCE_IDS = tuple(f"spiffe://{TD}/source/{name}" for name in configured_sources())
-# Every identity the development CA issues; the broker's also names its loopback address
-# so clients verify the broker's host name as well as its trust domain.
+# Every identity the development CA issues; the servers' (broker, OPA) also name their
+# loopback address so clients verify the host name as well as the trust domain.
 SPIFFE_IDS = (
     BROKER_ID,
+    OPA_ID,
     f"spiffe://{TD}/service/ingester",
     f"spiffe://{TD}/service/processor",
     f"spiffe://{TD}/service/storage",
@@ -173,7 +176,9 @@ class Stack:
             self.state.ports.update(added)
             self._save_state(self.state)
         p = self.state.ports
-        self.opa = OpaServer(self.root, p["opa"])
+        self.opa = OpaServer(
+            self.root, p["opa"], self.identity_dir, identity_name(OPA_ID), identity_name(BOOTSTRAP_ID)
+        )
         self.postgres = PostgresServer(self.root, p["postgres"])
         self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
         self.s3 = S3Server(self.root, p["s3"], self.state.s3_access_key, self.state.s3_secret_key)
@@ -319,7 +324,9 @@ class Stack:
             except Exception:
                 pass
             extra = (
-                {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]} if spiffe_id == BROKER_ID else {}
+                {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]}
+                if spiffe_id in (BROKER_ID, OPA_ID)
+                else {}
             )
             devca.write_identity(self.identity_dir, ca, spiffe_id, **extra)
             issued.append(name)
@@ -519,7 +526,7 @@ class Stack:
     def status(self) -> list[tuple[str, str, str, str]]:
         rows = []
         for name, process, healthy, address in (
-            ("opa", self.opa.process, self.opa.healthy, self.opa.url),
+            ("opa", self.opa.process, self.opa.healthy, f"{self.opa.url} (mTLS)"),
             ("postgres", self.postgres.process, self.postgres.healthy, f"127.0.0.1:{self.postgres.port}"),
             ("kafka", self.kafka.process, self.kafka_healthy, f"{self.kafka.bootstrap} (mTLS)"),
             ("s3", self.s3.process, self.s3.healthy, self.s3.endpoint),

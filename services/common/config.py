@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.identity import X509Identity, load_identity
 from services.common.kafka import KafkaClients
+from services.common.opa import OpaClient
 
 
 def describe_settings_error(error: ValidationError) -> str:
@@ -46,7 +47,7 @@ class KafkaSettings(BaseSettings):
 class StageSettings(KafkaSettings):
     """Settings of a service: a Kafka-to-Kafka stage (ingester, processor) or storage."""
 
-    opa_url: str = Field(pattern=r"^https?://", description="base URL of the OPA server")
+    opa_url: str = Field(pattern=r"^https://", description="base URL of the OPA server (mutual TLS only)")
     batch_size: int = Field(2000, ge=1, le=100_000, description="most records per batch/transaction")
     batch_timeout_ms: int = Field(100, ge=1, le=60_000, description="longest wait to fill a batch")
     http_host: str = "127.0.0.1"
@@ -55,6 +56,10 @@ class StageSettings(KafkaSettings):
     log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error)$")
     # Secrets are SecretStr: never echoed in a settings error, a log line or a repr.
     pg_dsn: SecretStr = Field(description="PostgreSQL connection URL (postgresql://...)")
+
+    def opa_client(self) -> OpaClient:
+        """An OPA client presenting this component's identity."""
+        return OpaClient(self.opa_url, self.load_identity())
 
     @field_validator("pg_dsn")
     @classmethod
