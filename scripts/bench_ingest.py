@@ -37,7 +37,7 @@ SETTINGS: dict[str, Any] = {
     "kafka_bootstrap": "unused:9092",
     "identity_dir": Path("/nonexistent"),
     "identity": "service-bench",
-    "opa_url": "http://opa.invalid",
+    "opa_url": "https://opa.invalid",
     "pg_dsn": "postgresql://unused",
 }
 TRACEPARENT_VALUE = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -115,8 +115,13 @@ def messages(n: int, seed: int = 1) -> list[Message]:
 
 
 def make_ingester() -> Ingester:
-    ingester = Ingester(IngesterSettings(**SETTINGS), DependencyWaiter("bench", asyncio.Event()), SchemaStore.load())
-    ingester.opa, ingester.dedup = AllowKnown(), FirstSeen()  # type: ignore[assignment]
+    ingester = Ingester(
+        IngesterSettings(**SETTINGS),
+        DependencyWaiter("bench", asyncio.Event()),
+        SchemaStore.load(),
+        opa=AllowKnown(),  # type: ignore[arg-type]
+    )
+    ingester.dedup = FirstSeen()  # type: ignore[assignment]
     return ingester
 
 

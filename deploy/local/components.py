@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -10,6 +11,7 @@ import string
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +21,137 @@ from deploy.local import tools
 from deploy.local.os_users import as_user, ensure_system_user, own_tree
 from deploy.local.processes import ManagedProcess, StackError, alive, wait_until
 from services.common.health import supervisor_state_file
-from services.common.identity import X509Identity
+from services.common.identity import IdentityError, X509Identity
+from services.common.topology import BROKER_AUTHZ_POLICY
 
 START_TIMEOUT = 120.0
 
 
 class OpaServer:
-    """OPA serving the policies and data under opa/, with decision logs for the audit trail."""
+    """OPA serving the policies and data under opa/ over mutual TLS only, with decision logs
+    for the audit trail, keeping what is changed through its API across restarts.
 
-    def __init__(self, root: Path, port: int):
+    Access: OPA presents its own SVID from SPIRE (it names localhost, which clients check),
+    kept written to <stack>/opa/tls/ by the stack (deploy/local/spire_stack.py SvidFiles,
+    as OPA's user) and reloaded by OPA when it changes; it refuses any client without a
+    certificate from the trust bundle beside it (--authentication=tls), and asks
+    opa/system/authz.rego about every request (--authorization=basic): who may probe
+    /health, ask which decision, read, write. It runs as its own system user, which owns
+    its store.
+
+    Persistence, and what wins at a start: a disk store (<stack>/opa/store) keeps the
+    policies and data changed through the API.
+    - Policies: the repository's Rego modules (ids `opa/<path>`) are loaded at every start
+      and replace the stored modules of the same id, since policy code is deployed from the
+      repository; a module under `opa/` whose file is gone is deleted, so a removed policy
+      does not stay in force. Modules put through the API under other ids stay.
+    - Data: the repository's data files are loaded only when they differ from the last ones
+      loaded (or into a new store), and then replace the whole data document, runtime
+      changes included, as a deploy would. Otherwise OPA starts with the data it held.
+    """
+
+    # Files OPA's loader reads as data; loaded only when they change (see above).
+    DATA_FILES = ("*.json", "*.yaml", "*.yml")
+    # The policies' directory, relative to the repository (OPA runs there, so module ids
+    # are `opa/<path>` wherever the checkout is).
+    POLICIES = "opa"
+
+    USER = "pipeline-opa"
+    # How often OPA looks at its certificate files for a renewed SVID.
+    CERT_REFRESH = "10s"
+
+    def __init__(self, root: Path, port: int, admin: Callable[[], X509Identity]):
+        """admin: the identity the stack acts as (health probes, removing modules, tests' changes)."""
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"https://localhost:{port}"
+        self.dir = root / "opa"
+        self.tls_dir = self.dir / "tls"
+        self.store = self.dir / "store"
+        self.loaded_data = self.dir / "loaded-data.sha256"
+        self.admin = admin
         self.process = ManagedProcess("opa", root / "run", root / "logs")
+
+    @property
+    def user(self) -> pwd.struct_passwd | None:
+        return ensure_system_user(self.USER, "pipeline OPA (native stack)")
+
+    def client(self, identity: X509Identity | None = None, timeout: float = 10.0) -> httpx.Client:
+        """A client of OPA's API presenting `identity` (default: the admin identity)."""
+        return httpx.Client(
+            base_url=self.url, verify=(identity or self.admin()).ssl_context(), timeout=timeout
+        )
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
+            with self.client(timeout=2) as opa:
+                return opa.get("/health").status_code == 200
+        except (httpx.HTTPError, IdentityError, OSError):  # OSError: unreadable PEM files
             return False
 
     def start(self) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        own_tree(self.dir, self.user)  # its store and its certificate files are its own
+        self.dir.chmod(0o700)
+        data = self._repo_data_digest()
+        load_data = not self.loaded_data.is_file() or self.loaded_data.read_text() != data
+        ignored = ["*_test.rego", *(() if load_data else self.DATA_FILES)]
         self.process.start(
             [
+                *as_user(self.user),
                 tools.opa(),
                 "run",
                 "--server",
-                f"--addr=127.0.0.1:{self.port}",
+                f"--addr={self.url}",
+                # OPA reloads these files when they change (a renewed SVID, a new bundle).
+                f"--tls-cert-file={self.tls_dir / 'svid.pem'}",
+                f"--tls-private-key-file={self.tls_dir / 'key.pem'}",
+                f"--tls-ca-cert-file={self.tls_dir / 'bundle.pem'}",
+                f"--tls-cert-refresh-period={self.CERT_REFRESH}",
+                "--authentication=tls",
+                "--authorization=basic",
                 "--log-format=json",
                 "--set=decision_logs.console=true",
-                "--ignore=*_test.rego",
-                str(tools.REPO / "opa"),
-            ]
+                f"--set=storage.disk.directory={self.store}",
+                "--set=storage.disk.auto_create=true",
+                *(f"--ignore={pattern}" for pattern in ignored),
+                self.POLICIES,
+            ],
+            cwd=tools.REPO,
         )
         wait_until(
             self._up_or_exited, timeout=START_TIMEOUT, what="OPA answering /health", log=self.process.log_file
         )
+        self._delete_removed_modules()
+        if load_data:
+            self.loaded_data.write_text(data)
 
     def _up_or_exited(self) -> bool:
         if self.process.exited():
             raise_exited(self.process)
         return self.healthy()
+
+    def _repo_data_digest(self) -> str:
+        """SHA-256 over the names and contents of the repository's data files under opa/."""
+        directory = tools.REPO / self.POLICIES
+        files = sorted({path for pattern in self.DATA_FILES for path in directory.rglob(pattern)})
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.relative_to(tools.REPO)}\0{path.stat().st_size}\0".encode())
+            digest.update(path.read_bytes())
+        return digest.hexdigest()
+
+    def _delete_removed_modules(self) -> None:
+        """Delete stored modules under opa/ that are no longer files of the repository."""
+        current = {
+            path.relative_to(tools.REPO).as_posix()
+            for path in (tools.REPO / self.POLICIES).rglob("*.rego")
+            if not path.name.endswith("_test.rego")
+        }
+        with self.client() as opa:
+            stored = [module["id"] for module in opa.get("/v1/policies").raise_for_status().json()["result"]]
+            for module in stored:
+                if module.startswith(f"{self.POLICIES}/") and module not in current:
+                    opa.delete(f"/v1/policies/{module}").raise_for_status()
 
 
 class PostgresServer:
@@ -195,7 +288,7 @@ class KafkaBroker:
             client_port=self.port,
             data_dir=self.data_dir,
             trust_domain=trust_domain,
-            opa_url=opa_url,
+            opa_decision_url=f"{opa_url}/v1/data/{BROKER_AUTHZ_POLICY}",
             authz_cache_seconds=authz_cache_seconds,
             broker_id=broker_id,
         )

@@ -6,7 +6,7 @@ migrations), Kafka (KRaft, mTLS, OPA authorizer), the pipeline topics, S3, Elast
 then the services, each as its own system user with its SVID from SPIRE's Workload API and
 its own database role. State lives under one root (default .stack/): stack.json (ports,
 cluster id, secrets), env (the operator's settings), logs/, run/ (pid files), spire/,
-kafka/, postgres/, ... Running `up` again changes nothing that runs.
+opa/, kafka/, postgres/, ... Running `up` again changes nothing that runs.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ DEFAULT_ROOT = REPO_DIR / ".stack"
 TD = TRUST_DOMAIN
 BROKER_ID = f"spiffe://{TD}/broker/kafka"
 SEARCH_ID = f"spiffe://{TD}/search/elasticsearch"
+OPA_ID = f"spiffe://{TD}/control/opa"
+# The admin identity: creates topics at the broker, and alone may change OPA's policies and data.
 BOOTSTRAP_ID = f"spiffe://{TD}/admin/bootstrap"
 # One identity per configured source (opa/pipeline/data.json): each writes only its own
 # raw topic, so the broker's authorization is the event's provenance.
@@ -198,7 +200,8 @@ class Stack:
         self.spire_server = SpireServer(self.root, p["spire"], svid_ttl_seconds or svid_ttl_from_env())
         self.spire_agent = SpireAgent(self.root, self.spire_server)
         self._identities: dict[str, X509Identity] = {}
-        self.opa = OpaServer(self.root, p["opa"])
+        self.opa = OpaServer(self.root, p["opa"], admin=lambda: self.identity("admin-bootstrap"))
+        self.opa_svid = SvidFiles(self.root, "opa", OPA_ID, self.opa.tls_dir, self.spire_agent)
         self.postgres = PostgresServer(self.root, p["postgres"])
         self.kafka = KafkaBroker(self.root, p["kafka"], p["controller"])
         self.s3 = S3Server(self.root, p["s3"], self.state.s3_access_key, self.state.s3_secret_key)
@@ -234,6 +237,9 @@ class Stack:
         self.root.chmod(0o755)  # the components' OS users must reach their directories
         self.start_spire(log)
 
+        self._ensure(
+            self.opa_svid.process, self.opa_svid.written, lambda: self.opa_svid.start(self.opa.user), log
+        )
         self._ensure(self.opa.process, self.opa.healthy, self.opa.start, log)
         self.postgres.init(self.state.pg_superuser_password)
         self._ensure(self.postgres.process, self.postgres.healthy, self.postgres.start, log)
@@ -311,6 +317,7 @@ class Stack:
             self.kafka.process,
             self.postgres.process,
             self.opa.process,
+            self.opa_svid.process,
             self.spire_agent.process,
             self.spire_server.process,
         ]
@@ -388,30 +395,28 @@ class Stack:
     def identity(self, name: str) -> X509Identity:
         """The SVID of identity `name` (e.g. "source-web", "service-ingester") from SPIRE,
         renewed once half its life is gone. The stack's user holds the operator, admin and
-        source identities; a service's is fetched as that service's user (a test may act
-        as a service)."""
+        source identities; one whose entry selects a system user (a service, the broker) is
+        fetched as that user (a test may act as any component)."""
         cached = self._identities.get(name)
         if cached is not None and cached.not_after - datetime.now(UTC) > self.spire_server.svid_ttl / 2:
             return cached
         spiffe_id = spiffe_id_of(name)
-        service = next((s for s, n in SERVICES.items() if n == name), None)
-        if service is None:
+        user = unix_users(load_entries()).get(spiffe_id)
+        if user is None or not switching_users():
             source = WorkloadApiIdentity(self.spire_agent.endpoint, spiffe_id)
             identity = source.current()
             source.close()
         else:
-            identity = self._identity_as(self.service_user(service), spiffe_id)
+            identity = self._identity_as(pwd.getpwnam(user), spiffe_id)
         self._identities[name] = identity
         return identity
 
-    def _identity_as(self, user: pwd.struct_passwd | None, spiffe_id: str) -> X509Identity:
+    def _identity_as(self, user: pwd.struct_passwd, spiffe_id: str) -> X509Identity:
         argv = [*as_user(user), sys.executable, "-m", "services.common.identity", spiffe_id]
         env = {**os.environ, "SPIFFE_ENDPOINT_SOCKET": self.spire_agent.endpoint}
         result = subprocess.run(argv, capture_output=True, text=True, check=False, env=env, cwd=REPO_DIR)
         if result.returncode != 0:
-            raise StackError(
-                f"fetching {spiffe_id} as {user.pw_name if user else 'us'}: {result.stderr.strip()}"
-            )
+            raise StackError(f"fetching {spiffe_id} as {user.pw_name}: {result.stderr.strip()}")
         fetched = json.loads(result.stdout)
         return checked_identity(
             fetched["cert_chain_pem"].encode(),

@@ -16,6 +16,7 @@ from services.common.identity import (
     DEFAULT_TRUST_DOMAIN,
     FileIdentity,
     IdentityError,
+    IdentitySource,
     WorkloadApiIdentity,
     spiffe_id_of,
 )
@@ -72,7 +73,7 @@ class KafkaSettings(BaseSettings):
             raise ValueError(NO_IDENTITY_SOURCE)
         return value
 
-    def identity_source(self) -> FileIdentity | WorkloadApiIdentity:
+    def identity_source(self) -> IdentitySource:
         """This component's identity source (the Workload API is asked now: a missing
         registration entry fails here)."""
         if self.spiffe_endpoint_socket:
@@ -95,7 +96,7 @@ class KafkaSettings(BaseSettings):
 class StageSettings(KafkaSettings):
     """Settings of a service: a Kafka-to-Kafka stage (ingester, processor) or storage."""
 
-    opa_url: str = Field(pattern=r"^https?://", description="base URL of the OPA server")
+    opa_url: str = Field(pattern=r"^https://", description="base URL of the OPA server (mutual TLS only)")
     batch_size: int = Field(2000, ge=1, le=100_000, description="most records per batch/transaction")
     batch_timeout_ms: int = Field(100, ge=1, le=60_000, description="longest wait to fill a batch")
     http_host: str = "127.0.0.1"

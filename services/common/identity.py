@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -142,6 +143,15 @@ def load_identity(identity_dir: Path, name: str) -> X509Identity:
         paths["bundle"].read_bytes(),
         str(paths["svid"]),
     )
+
+
+class IdentitySource(Protocol):
+    """Where a component's identity comes from: FileIdentity or WorkloadApiIdentity."""
+
+    generation: int  # grows with every new SVID or bundle
+
+    def current(self) -> X509Identity: ...
+    def close(self) -> None: ...
 
 
 class FileIdentity:

@@ -8,11 +8,17 @@ import httpx
 import orjson
 
 from services.common.dependencies import DependencyUnavailable
+from services.common.identity import X509Identity
 
 
 class OpaClient:
-    def __init__(self, base_url: str, timeout: float = 10.0):
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(self, base_url: str, identity: X509Identity, timeout: float = 10.0):
+        """OPA answers only over mutual TLS: the client presents `identity`'s SVID (OPA lets
+        each service ask its own decision path and nothing else, opa/system/authz.rego) and
+        verifies OPA's certificate, host name included, against the trust bundle."""
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=timeout, verify=identity.ssl_context()
+        )
 
     async def decide(self, policy: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST the batch to /v1/data/<policy>; returns the decisions in record order.
@@ -30,7 +36,7 @@ class OpaClient:
             )
         except httpx.HTTPError as e:
             raise DependencyUnavailable("opa", f"{type(e).__name__}: {e}") from e
-        if response.status_code != 200:
+        if response.status_code != 200:  # a refusal (401) too: wait, as for an outage
             raise DependencyUnavailable(
                 "opa", f"HTTP {response.status_code} from {policy}: {response.text[:200]}"
             )

@@ -20,10 +20,11 @@ from services.common.config import StageSettings, describe_settings_error
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters
 from services.common.health import HealthServer, known_kafka_connectivity
-from services.common.identity import IdentityError
+from services.common.identity import IdentityError, IdentitySource
 from services.common.kafka import KafkaClients
 from services.common.logs import setup_logging
 from services.common.metrics import export_restarts
+from services.common.opa import OpaClient
 from services.common.stage import BatchOutcome, StageConfig, TransactionalStage
 from services.common.topology import STAGE_INPUTS, group_id, instance_id
 
@@ -94,13 +95,22 @@ def stop_on_signals() -> asyncio.Event:
 
 @dataclass
 class Runtime(Generic[Settings]):
-    """What a service's loops are built from: its settings, the record schemas, the Kafka
-    client profiles of its identity, and the stop signal (SIGTERM/SIGINT)."""
+    """What a service's loops are built from: its settings, the record schemas, its
+    identity (SPIRE's Workload API, renewed as it goes) and the stop signal (SIGTERM/SIGINT)."""
 
     settings: Settings
     store: SchemaStore
-    clients: KafkaClients
+    identity: IdentitySource
     stop: asyncio.Event
+
+    @property
+    def clients(self) -> KafkaClients:
+        """The Kafka client profiles of the identity as it is now."""
+        return KafkaClients(self.settings.kafka_bootstrap, self.identity.current())
+
+    def opa_client(self) -> OpaClient:
+        """An OPA client presenting this service's identity as it is now."""
+        return OpaClient(self.settings.opa_url, self.identity.current())
 
     def waiter(self, stage: str, maximum: float = 5.0) -> DependencyWaiter:
         return DependencyWaiter(stage, self.stop, maximum=maximum)
@@ -137,7 +147,7 @@ def service_main(
     async def main_async() -> None:
         settings = settings_type()
         setup_logging(name, settings.log_level)
-        runtime = Runtime(settings, SchemaStore.load(), settings.kafka_clients(), stop_on_signals())
+        runtime = Runtime(settings, SchemaStore.load(), settings.identity_source(), stop_on_signals())
         loops, close = await build(runtime)
         # What start-up built (modules, schemas, clients) lives as long as the process:
         # frozen, the collector stops walking it again and again while the loops churn
@@ -158,6 +168,7 @@ def service_main(
         finally:
             await close()
             await health.close()
+            runtime.identity.close()
 
     run_main(name, main_async)
 
@@ -165,13 +176,13 @@ def service_main(
 def stage_main(
     stage: str,
     settings_type: type[Settings],
-    worker: Callable[[Settings, DependencyWaiter, SchemaStore], Worker],
+    worker: Callable[[Settings, DependencyWaiter, SchemaStore, OpaClient], Worker],
 ) -> None:
     """`main` of a Kafka-to-Kafka stage service (ingester, processor): one transactional loop."""
 
     async def build(runtime: Runtime[Settings]) -> Built:
         waiter = runtime.waiter(stage)
-        stage_worker = worker(runtime.settings, waiter, runtime.store)
+        stage_worker = worker(runtime.settings, waiter, runtime.store, runtime.opa_client())
         return [runtime.transactional(stage, stage_worker, waiter)], stage_worker.close
 
     service_main(stage, settings_type, build)

@@ -81,10 +81,13 @@ STAGE_INPUTS: dict[str, str] = {
 VALIDATED_EVENT = "pipeline.events.ValidatedEvent"
 PROCESSED_EVENT = "pipeline.events.ProcessedEvent"
 DEAD_LETTER = "pipeline.events.DeadLetter"
-# OPA decision paths of the message-level policies (opa/pipeline/*.rego).
+# OPA decision paths of the message-level policies (opa/pipeline/*.rego), and the broker
+# authorizer's (opa/kafka/authz.rego). OPA lets each workload ask its own and no other
+# (opa/system/authz.rego, granted in opa/data.json `opa_api.clients`).
 INGEST_POLICY = "pipeline/ingest/decisions"
 PROCESS_POLICY = "pipeline/process/decisions"
 STORAGE_POLICY = "pipeline/storage/decisions"
+BROKER_AUTHZ_POLICY = "kafka/authz/allow"
 # A pipeline.processed record's storage policy input (type, source, property keys) as JSON,
 # written by the processor so the storage sinks need not decode the value to ask the policy.
 POLICY_INPUT_HEADER = "pipeline-storage-policy-input"

@@ -88,14 +88,21 @@ class Admitted(NamedTuple):
 
 
 class Ingester:
-    def __init__(self, settings: IngesterSettings, waiter: DependencyWaiter, store: SchemaStore):
+    def __init__(
+        self,
+        settings: IngesterSettings,
+        waiter: DependencyWaiter,
+        store: SchemaStore,
+        opa: OpaClient,
+    ):
+        """opa: a client presenting the service's identity (tests give a fake)."""
         self.settings, self.waiter = settings, waiter
         self.limits = settings.limits()
         # Timestamps as integer microseconds: cheaper to encode than datetimes.
         self.validated = AvroSerde(store, VALIDATED_EVENT, timestamps_as_micros=True)
         self.version = store.latest(VALIDATED_EVENT).version
         self.dead_letters = DeadLetters(store, INGESTER)
-        self.opa = OpaClient(settings.opa_url)
+        self.opa = opa
         self.dedup = Dedup(settings.pg_dsn.get_secret_value(), timedelta(hours=settings.dedup_window_hours))
         self.expired_at = time.monotonic()
 

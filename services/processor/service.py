@@ -33,7 +33,14 @@ class ProcessorSettings(StageSettings):
 
 
 class Processor:
-    def __init__(self, settings: ProcessorSettings, waiter: DependencyWaiter, store: SchemaStore):
+    def __init__(
+        self,
+        settings: ProcessorSettings,
+        waiter: DependencyWaiter,
+        store: SchemaStore,
+        opa: OpaClient,
+    ):
+        """opa: a client presenting the service's identity (tests give a fake)."""
         self.waiter = waiter
         # Timestamps as integer microseconds, both ways: the processor passes them through,
         # and building datetimes was most of what decoding and encoding cost.
@@ -41,7 +48,7 @@ class Processor:
         self.processed = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
         self.version = store.latest(PROCESSED_EVENT).version
         self.dead_letters = DeadLetters(store, PROCESSOR)
-        self.opa = OpaClient(settings.opa_url)
+        self.opa = opa
         self.users = UserDirectory(settings.pg_dsn.get_secret_value(), ttl_s=settings.user_cache_ttl_s)
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:

@@ -13,7 +13,6 @@ from pydantic import Field, FilePath, SecretStr, model_validator
 
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
-from services.common.opa import OpaClient
 from services.common.service import Built, Runtime, Supervised, service_main
 from services.common.topology import SINKS, sink_stage
 from services.storage.analytics import AnalyticsForwarder
@@ -98,7 +97,7 @@ def make_sink(name: str, settings: StorageSettings, trust_bundle: bytes) -> Sink
 
 async def build(runtime: Runtime[StorageSettings]) -> Built:
     settings, clients, stop = runtime.settings, runtime.clients, runtime.stop
-    opa = OpaClient(settings.opa_url)
+    opa = runtime.opa_client()
     dlq = clients.producer()  # dead letters of the store sinks, which write no Kafka transactions
     loops: list[Supervised] = []
     sinks: list[Sink] = []

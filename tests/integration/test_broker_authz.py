@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
 import pytest
 from confluent_kafka import KafkaError
 
@@ -84,19 +83,21 @@ def test_policy_data_change_flips_a_decision_without_broker_restart(stack: Stack
     error = produce_one(web, topic, unique(), timeout=5)
     assert error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
 
-    role_url = f"{stack.opa.url}/v1/data/kafka_acl/roles/test-flip-{uuid.uuid4().hex}"
+    role_path = f"/v1/data/kafka_acl/roles/test-flip-{uuid.uuid4().hex}"
     role = {
         "principals": ["spiffe://pipeline.local/source/web"],
         "grants": [{"resource": "TOPIC", "name": topic, "operations": ["WRITE"]}],
     }
-    assert httpx.put(role_url, json=role).status_code == 204
+    with stack.opa.client() as opa:  # as the admin identity, the only one that may write
+        assert opa.put(role_path, json=role).status_code == 204
     eventually(
         lambda: produce_one(web, topic, unique(), timeout=5) is None,
         30,
         "source/web allowed to write after the grant was added",
     )
 
-    assert httpx.delete(role_url).status_code == 204
+    with stack.opa.client() as opa:
+        assert opa.delete(role_path).status_code == 204
     eventually(
         lambda: produce_one(web, topic, unique(), timeout=5) is not None,
         30,
@@ -116,7 +117,8 @@ def test_opa_down_means_undecided_requests_are_denied(stack: Stack) -> None:
     web = stack.client_config(WEB)
 
     # The grant exists, but the broker has never asked about it when OPA goes away.
-    assert httpx.put(stack.opa.url + role_path, json=role).status_code == 204
+    with stack.opa.client() as opa:
+        assert opa.put(role_path, json=role).status_code == 204
     stack.opa.process.stop()
     try:
         assert not stack.opa.healthy()
@@ -126,8 +128,8 @@ def test_opa_down_means_undecided_requests_are_denied(stack: Stack) -> None:
     finally:
         stack.opa.start()
 
-    # Same request, OPA back with the grant: allowed, so OPA being down was the only reason.
-    assert httpx.put(stack.opa.url + role_path, json=role).status_code == 204
+    # Same request, OPA back (the grant outlived its restart): allowed, so OPA being down
+    # was the only reason.
     eventually(
         lambda: produce_one(web, topic, unique(), timeout=5) is None,
         30,

@@ -11,7 +11,6 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -295,10 +294,11 @@ def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
     assert stats["by_class"]["policy_denied"] == stats_before["by_class"].get("policy_denied", 0) + 1
 
     # The fix upstream: web may now send this type. Then replay the entry to web's topic.
-    web_url = f"{stack.opa.url}/v1/data/pipeline/config/ingest/sources/web"
-    web = httpx.get(web_url).json()["result"]
-    fixed = {**web, "event_types": [*web["event_types"], event_type]}
-    assert httpx.put(web_url, json=fixed).status_code == 204
+    web_path = "/v1/data/pipeline/config/ingest/sources/web"
+    with stack.opa.client() as opa:  # as the admin identity, the only one that may write
+        web = opa.get(web_path).json()["result"]
+        fixed = {**web, "event_types": [*web["event_types"], event_type]}
+        assert opa.put(web_path, json=fixed).status_code == 204
     try:
         processed = processed_reader(stack, {event["event_id"]})
         replay = pipectl(stack.env(), "dlq", "replay", entry_id)
@@ -308,5 +308,6 @@ def test_dlq_replay_after_a_policy_fix_lands_the_event(stack: Stack) -> None:
         assert processed.items[0]["source"] == "web"
         processed.close()
     finally:
-        httpx.put(web_url, json=web)
+        with stack.opa.client() as opa:
+            opa.put(web_path, json=web)
     dead.close()

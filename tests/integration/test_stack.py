@@ -27,7 +27,12 @@ from services.common.topology import (
 
 
 def test_second_up_changes_nothing(stack: Stack) -> None:
-    processes = [stack.spire_server.process, stack.spire_agent.process, stack.opa.process]
+    processes = [
+        stack.spire_server.process,
+        stack.spire_agent.process,
+        stack.opa_svid.process,
+        stack.opa.process,
+    ]
     processes += [stack.postgres.process, stack.kafka.process, stack.s3.process, stack.search_svid.process]
     processes.append(stack.search.process)
     processes += [s.process for s in stack.services.values()]
@@ -38,6 +43,7 @@ def test_second_up_changes_nothing(stack: Stack) -> None:
     assert [line for line in lines if not line.startswith("stack up in")] == [
         "spire-server: already running",
         "spire-agent: already running",
+        "opa-svid: already running",
         "opa: already running",
         "postgres: already running",
         "kafka: already running",

@@ -391,7 +391,7 @@ def settings_for(tmp_path: Path, port: int) -> StatusSettings:
     return StatusSettings(
         kafka_bootstrap=f"127.0.0.1:{port}",
         identity_dir=str(tmp_path),
-        opa_url=url,
+        opa_url=f"https://127.0.0.1:{port}",
         pg_dsn=f"postgresql://u:p@127.0.0.1:{port}/x",  # type: ignore[arg-type]
         s3_endpoint=url,
         s3_bucket="b",

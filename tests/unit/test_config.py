@@ -11,7 +11,7 @@ GOOD = {
     "PIPELINE_KAFKA_BOOTSTRAP": "127.0.0.1:19092",
     "PIPELINE_IDENTITY_DIR": "/tmp/identities",
     "PIPELINE_IDENTITY": "service-ingester",
-    "PIPELINE_OPA_URL": "http://127.0.0.1:18181",
+    "PIPELINE_OPA_URL": "https://127.0.0.1:18181",
     "PIPELINE_PG_DSN": "postgresql://pipeline:s3cret-pw@127.0.0.1:5432/pipeline",
 }
 
@@ -29,6 +29,7 @@ def test_settings_come_from_pipeline_env(monkeypatch: pytest.MonkeyPatch) -> Non
     [
         ("PIPELINE_KAFKA_BOOTSTRAP", None, "kafka_bootstrap"),
         ("PIPELINE_OPA_URL", "127.0.0.1:18181", "opa_url"),
+        ("PIPELINE_OPA_URL", "http://127.0.0.1:18181", "opa_url"),  # OPA answers mutual TLS only
         ("PIPELINE_IDENTITY", "", "identity"),
         ("PIPELINE_PG_DSN", "mysql://x", "pg_dsn"),
     ],

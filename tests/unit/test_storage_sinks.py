@@ -104,7 +104,7 @@ BASE_ENV = {
     "PIPELINE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
     "PIPELINE_IDENTITY_DIR": "/tmp",
     "PIPELINE_IDENTITY": "service-storage",
-    "PIPELINE_OPA_URL": "http://127.0.0.1:1",
+    "PIPELINE_OPA_URL": "https://127.0.0.1:1",
     "PIPELINE_PG_DSN": "postgresql://u:p@127.0.0.1:1/db",
 }
 

@@ -1,5 +1,6 @@
-"""The topology's names are the ones the broker's authorization grants (opa/data.json): a
-rename on one side only would leave a service refused by the broker at start."""
+"""The topology's names are the ones the broker's authorization grants (opa/data.json), and
+its decision paths the ones OPA lets each workload ask: a rename on one side only would
+leave a service refused by the broker or by OPA at start."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from pathlib import Path
 import pytest
 
 from services.common.topology import (
+    BROKER_AUTHZ_POLICY,
+    INGEST_POLICY,
     INGESTER,
+    PROCESS_POLICY,
     PROCESSOR,
     STAGE_INPUTS,
     STAGES,
+    STORAGE_POLICY,
     STORAGE_STAGES,
     group_id,
     instance_id,
@@ -20,9 +25,8 @@ from services.common.topology import (
     raw_topic,
 )
 
-ROLES = json.loads((Path(__file__).resolve().parents[2] / "opa" / "data.json").read_text())["kafka_acl"][
-    "roles"
-]
+DATA = json.loads((Path(__file__).resolve().parents[2] / "opa" / "data.json").read_text())
+ROLES = DATA["kafka_acl"]["roles"]
 SERVICE_STAGES = {"ingester": (INGESTER,), "processor": (PROCESSOR,), "storage": STORAGE_STAGES}
 
 
@@ -67,3 +71,22 @@ def test_names_follow_one_scheme() -> None:
         "pipeline-storage-analytics",
     ]
     assert instance_id("storage-lake", "host-1") == "pipeline-storage-lake-host-1"
+
+
+# The decision each workload asks OPA for (the broker's authorizer: deploy/local/components.py).
+DECISIONS = {
+    "spiffe://pipeline.local/broker/kafka": BROKER_AUTHZ_POLICY,
+    "spiffe://pipeline.local/service/ingester": INGEST_POLICY,
+    "spiffe://pipeline.local/service/processor": PROCESS_POLICY,
+    "spiffe://pipeline.local/service/storage": STORAGE_POLICY,
+}
+
+
+def test_opa_lets_each_workload_ask_exactly_its_own_decision() -> None:
+    granted = {
+        (principal, decision)
+        for client in DATA["opa_api"]["clients"].values()
+        for principal in client["principals"]
+        for decision in client["decisions"]
+    }
+    assert granted == set(DECISIONS.items())

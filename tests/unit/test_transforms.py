@@ -34,7 +34,7 @@ SETTINGS: dict[str, Any] = {
     "kafka_bootstrap": "unused:9092",
     "identity_dir": Path("/nonexistent"),
     "identity": "service-test",
-    "opa_url": "http://opa.invalid",
+    "opa_url": "https://opa.invalid",
     "pg_dsn": "postgresql://unused",
 }
 
@@ -77,8 +77,8 @@ def ingest_policy(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def ingester(dedup: FakeDedup, opa: FakeOpa) -> Ingester:
-    service = Ingester(IngesterSettings(**SETTINGS), waiter(), STORE)
-    service.opa, service.dedup = opa, dedup  # type: ignore[assignment]
+    service = Ingester(IngesterSettings(**SETTINGS), waiter(), STORE, opa=opa)  # type: ignore[arg-type]
+    service.dedup = dedup  # type: ignore[assignment]
     return service
 
 
@@ -194,8 +194,8 @@ def process_policy(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def processor(users: FakeUsers, opa: FakeOpa) -> Processor:
-    service = Processor(ProcessorSettings(**SETTINGS), waiter(), STORE)
-    service.users, service.opa = users, opa  # type: ignore[assignment]
+    service = Processor(ProcessorSettings(**SETTINGS), waiter(), STORE, opa=opa)  # type: ignore[arg-type]
+    service.users = users  # type: ignore[assignment]
     return service
 
 

@@ -67,7 +67,7 @@ class Collector:
                 (search, documents),
             ) = await asyncio.gather(
                 services,
-                guarded("opa", probe_opa(client, settings.opa_url), lambda e: Check("opa", False, e)),
+                guarded("opa", probe_opa(settings), lambda e: Check("opa", False, e)),
                 guarded(
                     "postgres",
                     probe_postgres(settings.pg_dsn.get_secret_value()),

@@ -49,7 +49,7 @@ ES_OK = ("green", "yellow")  # yellow: replicas unassigned, normal for a single 
 class StatusSettings(CliSettings):
     """Everything status talks to; `. .stack/env` sets all of it. A missing one exits 2."""
 
-    opa_url: str = Field(pattern=r"^https?://")
+    opa_url: str = Field(pattern=r"^https://")  # mutual TLS only
     pg_dsn: SecretStr  # holds a password: never echoed in a settings error
     s3_endpoint: str = Field(pattern=r"^https?://")
     s3_bucket: str = Field(min_length=1)

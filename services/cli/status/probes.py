@@ -136,9 +136,17 @@ async def sample_metrics(client: httpx.AsyncClient, url: str) -> Sample:
     return Sample(time.monotonic(), parse_stage_counters(response.text))
 
 
-async def probe_opa(client: httpx.AsyncClient, url: str) -> Check:
+async def probe_opa(settings: StatusSettings) -> Check:
+    """OPA's /health, asked as pipectl's identity: OPA answers no request without a client
+    certificate from the trust bundle."""
     try:
-        response = await _get(client, f"{url.rstrip('/')}/health")
+        source = settings.identity_source()
+        try:
+            verify = source.current().ssl_context()
+        finally:
+            source.close()
+        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT_S, verify=verify) as client:
+            response = await _get(client, f"{settings.opa_url.rstrip('/')}/health")
     except Exception as e:
         return Check("opa", False, describe(e, CHECK_TIMEOUT_S))
     if response.status_code != 200:
