@@ -185,6 +185,7 @@ def deliver(
             producer.flush(timeout)
         except (KafkaException, SystemError) as e:
             deliveries.took_fatal(e)
+
     try:
         for record in records:
             if pace is not None:

@@ -154,19 +154,26 @@ class IdentitySource(Protocol):
     def close(self) -> None: ...
 
 
-class FileIdentity:
-    """An identity read once from files: it never rotates (generation stays 0)."""
+class StaticIdentity:
+    """One identity that never changes (tests, tools acting once)."""
 
     generation = 0
 
-    def __init__(self, identity_dir: Path, name: str):
-        self._identity = load_identity(identity_dir, name)
+    def __init__(self, identity: X509Identity):
+        self._identity = identity
 
     def current(self) -> X509Identity:
         return self._identity
 
     def close(self) -> None:
         pass
+
+
+class FileIdentity(StaticIdentity):
+    """An identity read once from files: it never rotates (generation stays 0)."""
+
+    def __init__(self, identity_dir: Path, name: str):
+        super().__init__(load_identity(identity_dir, name))
 
 
 class WorkloadApiIdentity:

@@ -10,6 +10,7 @@ import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.health import kafka_connectivity
+from services.common.identity import IdentitySource
 from services.common.topology import (
     CONSUMER_LAG_METRIC,
     DEAD_LETTERS_METRIC,
@@ -17,6 +18,7 @@ from services.common.topology import (
     FILTERED_METRIC,
     RECORDS_IN_METRIC,
     RECORDS_OUT_METRIC,
+    SVID_EXPIRY_METRIC,
 )
 
 RECORDS_IN = Counter(RECORDS_IN_METRIC, "Records consumed", ["stage"])
@@ -54,6 +56,21 @@ SERVICE_RESTARTS = Gauge(
     "Times the supervisor restarted this service after a crash (PIPELINE_RESTARTS)",
     ["service"],
 )
+
+
+SVID_EXPIRY = Gauge(
+    SVID_EXPIRY_METRIC,
+    "When this service's X.509-SVID expires (Unix time); SPIRE renews it at half life",
+    ["spiffe_id"],
+)
+
+
+def export_svid_expiry(identity: IdentitySource) -> None:
+    """pipeline_svid_expiry_timestamp_seconds, read from the identity at each scrape (so it
+    follows renewals)."""
+    SVID_EXPIRY.labels(identity.current().spiffe_id).set_function(
+        lambda: identity.current().not_after.timestamp()
+    )
 
 
 def export_restarts(service: str, environ: Mapping[str, str] = os.environ) -> int:

@@ -8,17 +8,31 @@ import httpx
 import orjson
 
 from services.common.dependencies import DependencyUnavailable
-from services.common.identity import X509Identity
+from services.common.identity import IdentitySource, StaticIdentity, X509Identity
 
 
 class OpaClient:
-    def __init__(self, base_url: str, identity: X509Identity, timeout: float = 10.0):
+    def __init__(self, base_url: str, identity: IdentitySource | X509Identity, timeout: float = 10.0):
         """OPA answers only over mutual TLS: the client presents `identity`'s SVID (OPA lets
         each service ask its own decision path and nothing else, opa/system/authz.rego) and
-        verifies OPA's certificate, host name included, against the trust bundle."""
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), timeout=timeout, verify=identity.ssl_context()
-        )
+        verifies OPA's certificate, host name included, against the trust bundle. Given a
+        source, it follows its renewals: a new SVID, a new HTTP client (connections made
+        later must not present an expired certificate)."""
+        self.base_url, self.timeout = base_url.rstrip("/"), timeout
+        self.identity = StaticIdentity(identity) if isinstance(identity, X509Identity) else identity
+        self._generation = self.identity.generation
+        self._client = self._new_client()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        tls = self.identity.current().ssl_context()
+        return httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, verify=tls)
+
+    async def _current_client(self) -> httpx.AsyncClient:
+        if self.identity.generation != self._generation:
+            self._generation = self.identity.generation
+            old, self._client = self._client, self._new_client()
+            await old.aclose()
+        return self._client
 
     async def decide(self, policy: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """POST the batch to /v1/data/<policy>; returns the decisions in record order.
@@ -29,7 +43,8 @@ class OpaClient:
         if not records:
             return []
         try:
-            response = await self._client.post(
+            client = await self._current_client()
+            response = await client.post(
                 f"/v1/data/{policy}",
                 content=orjson.dumps({"input": {"records": records}}),
                 headers={"Content-Type": "application/json"},

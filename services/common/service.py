@@ -23,13 +23,15 @@ from services.common.health import HealthServer, known_kafka_connectivity
 from services.common.identity import IdentityError, IdentitySource
 from services.common.kafka import KafkaClients
 from services.common.logs import setup_logging
-from services.common.metrics import export_restarts
+from services.common.metrics import export_restarts, export_svid_expiry
 from services.common.opa import OpaClient
 from services.common.stage import BatchOutcome, StageConfig, TransactionalStage
 from services.common.topology import STAGE_INPUTS, group_id, instance_id
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 2.0
+# How often a loop looks for a renewed SVID (renewal comes at half its life: minutes at least).
+IDENTITY_CHECK_S = 1.0
 Settings = TypeVar("Settings", bound=StageSettings)
 
 
@@ -51,24 +53,53 @@ class Supervised:
     transactional id while OPA is away) starts a fresh one, as a process restart would.
     The uncommitted batch is read again.
 
+    Also when the service's SVID is renewed: librdkafka reads its certificate once per
+    client, and a connection it makes after the old SVID expired would be refused. The
+    loop is told to stop (its own stop event, set by the service's stop or by a renewal):
+    it finishes and commits the batch in hand, closes its clients, and a fresh loop with
+    clients of the new SVID takes over, with the same transactional and static member ids
+    (no rebalance of the others, exactly-once kept).
+
     Readiness follows the broker connections of the stage's consumer group (its statistics
     callback, metrics.consumer_lag_callback, reports them).
     """
 
-    def __init__(self, stage: str, make: Callable[[], Loop], waiter: DependencyWaiter, stop: asyncio.Event):
-        self.name, self.make, self.waiter, self.stop = stage, make, waiter, stop
+    def __init__(
+        self,
+        stage: str,
+        make: Callable[[asyncio.Event], Loop],
+        waiter: DependencyWaiter,
+        stop: asyncio.Event,
+        identity: IdentitySource,
+    ):
+        """make(stop): a fresh loop that leaves when `stop` is set."""
+        self.name, self.make, self.waiter, self.stop, self.identity = stage, make, waiter, stop, identity
         self.group = group_id(stage)
         self.current: Loop | None = None
 
     async def run(self) -> None:
         while not self.stop.is_set():
-            self.current = self.make()
+            leave = asyncio.Event()
+            watch = asyncio.create_task(self._leave_on_stop_or_renewal(leave, self.identity.generation))
+            self.current = self.make(leave)
             try:
                 await self.current.run()
             except KafkaException as e:
                 log.error("kafka clients failed, restarting", extra={"loop": self.name, "error": str(e)})
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), RESTART_DELAY_S)
+            finally:
+                watch.cancel()
+
+    async def _leave_on_stop_or_renewal(self, leave: asyncio.Event, generation: int) -> None:
+        while self.identity.generation == generation:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), IDENTITY_CHECK_S)
+            if self.stop.is_set():
+                break
+        else:
+            log.info("SVID renewed: new Kafka clients at the next batch boundary", extra={"loop": self.name})
+        leave.set()
 
     def ready(self) -> tuple[bool, str]:
         # A loop that cannot reach the broker consumes nothing, whatever else answers; said
@@ -109,8 +140,8 @@ class Runtime(Generic[Settings]):
         return KafkaClients(self.settings.kafka_bootstrap, self.identity.current())
 
     def opa_client(self) -> OpaClient:
-        """An OPA client presenting this service's identity as it is now."""
-        return OpaClient(self.settings.opa_url, self.identity.current())
+        """An OPA client presenting this service's identity, renewals followed."""
+        return OpaClient(self.settings.opa_url, self.identity)
 
     def waiter(self, stage: str, maximum: float = 5.0) -> DependencyWaiter:
         return DependencyWaiter(stage, self.stop, maximum=maximum)
@@ -128,9 +159,12 @@ class Runtime(Generic[Settings]):
         )
         return Supervised(
             stage,
-            lambda: TransactionalStage(config, self.clients, worker.transform, worker.dead_letters.poison, self.stop),
+            lambda leave: TransactionalStage(
+                config, self.clients, worker.transform, worker.dead_letters.poison, leave
+            ),
             waiter,
             self.stop,
+            self.identity,
         )
 
 
@@ -148,6 +182,7 @@ def service_main(
         settings = settings_type()
         setup_logging(name, settings.log_level)
         runtime = Runtime(settings, SchemaStore.load(), settings.identity_source(), stop_on_signals())
+        export_svid_expiry(runtime.identity)
         loops, close = await build(runtime)
         # What start-up built (modules, schemas, clients) lives as long as the process:
         # frozen, the collector stops walking it again and again while the loops churn

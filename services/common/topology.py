@@ -97,6 +97,8 @@ POLICY_INPUT_HEADER = "pipeline-storage-policy-input"
 # read by pipectl status, the demo and the benchmarks. Labels: stage, and topic (out),
 # error_class (dead letters), reason (filtered); the lag gauge: group, topic, partition.
 RECORDS_IN_METRIC = "pipeline_records_in_total"
+# When a service's X.509-SVID expires (Unix seconds, label spiffe_id): pipectl status shows it.
+SVID_EXPIRY_METRIC = "pipeline_svid_expiry_timestamp_seconds"
 RECORDS_OUT_METRIC = "pipeline_records_out_total"
 DEAD_LETTERS_METRIC = "pipeline_dead_letters_total"
 FILTERED_METRIC = "pipeline_filtered_total"

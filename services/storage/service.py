@@ -7,6 +7,7 @@ which run here; one process per sink is the same code with one name each.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Self
 
 from pydantic import Field, FilePath, SecretStr, model_validator
@@ -53,9 +54,7 @@ class StorageSettings(StageSettings):
     def _sinks_have_their_settings(self) -> Self:
         unknown = set(self.sink_names) - set(SINKS)
         if unknown or not self.sink_names:
-            raise ValueError(
-                f"PIPELINE_SINKS: unknown or no sinks {sorted(unknown)}; choose from {SINKS}"
-            )
+            raise ValueError(f"PIPELINE_SINKS: unknown or no sinks {sorted(unknown)}; choose from {SINKS}")
         needs = {
             "lake": ("s3_endpoint", "s3_bucket", "s3_access_key", "s3_secret_key"),
             "search": ("es_url", "es_username", "es_password"),
@@ -96,9 +95,8 @@ def make_sink(name: str, settings: StorageSettings, trust_bundle: bytes) -> Sink
 
 
 async def build(runtime: Runtime[StorageSettings]) -> Built:
-    settings, clients, stop = runtime.settings, runtime.clients, runtime.stop
+    settings = runtime.settings
     opa = runtime.opa_client()
-    dlq = clients.producer()  # dead letters of the store sinks, which write no Kafka transactions
     loops: list[Supervised] = []
     sinks: list[Sink] = []
     for name in settings.sink_names:
@@ -107,7 +105,7 @@ async def build(runtime: Runtime[StorageSettings]) -> Built:
         if name == "analytics":
             loops.append(runtime.transactional(stage, AnalyticsForwarder(runtime.store, opa, waiter), waiter))
             continue
-        sink = make_sink(name, settings, clients.identity.bundle_pem)
+        sink = make_sink(name, settings, runtime.identity.current().bundle_pem)
         sinks.append(sink)
         # The lake buffers into large Parquet objects; the other stores take every batch.
         flush = (
@@ -116,20 +114,24 @@ async def build(runtime: Runtime[StorageSettings]) -> Built:
             else {}
         )
 
-        def make(s: Sink = sink, w: DependencyWaiter = waiter, f: dict = flush) -> SinkLoop:
+        def make(
+            leave: asyncio.Event, s: Sink = sink, w: DependencyWaiter = waiter, f: dict = flush
+        ) -> SinkLoop:
+            # Clients of the SVID as it is now (a renewal makes a new loop); the dead letters
+            # of a store sink go through a plain producer of its own, flushed before each commit.
+            clients = runtime.clients
             return SinkLoop(
                 s, clients=clients, instance=settings.instance_id, store=runtime.store, opa=opa,
-                dlq=dlq, stop=stop, waiter=w, batch_size=settings.batch_size,
+                dlq=clients.producer(), stop=leave, waiter=w, batch_size=settings.batch_size,
                 batch_timeout_s=settings.batch_timeout_ms / 1000, **f,
             )  # fmt: skip
 
-        loops.append(Supervised(stage, make, waiter, stop))
+        loops.append(Supervised(stage, make, waiter, runtime.stop, runtime.identity))
 
     async def close() -> None:
         for sink in sinks:
             await sink.close()
         await opa.close()
-        dlq.flush(30)
 
     return loops, close
 

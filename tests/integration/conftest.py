@@ -24,11 +24,14 @@ TEST_AUTHZ_CACHE_SECONDS = 1
 
 @contextlib.contextmanager
 def running_stack(
-    prefix: str = "pipeline-test-stack-", instances: Mapping[str, int] | None = None
+    prefix: str = "pipeline-test-stack-",
+    instances: Mapping[str, int] | None = None,
+    svid_ttl_seconds: int | None = None,
 ) -> Iterator[Stack]:
     """A stack of its own in a temporary directory on free ports, up until the block ends.
     instances: how many of each service; one each unless given (not PIPELINE_*_INSTANCES
-    from the environment: the tests count on what they asked for)."""
+    from the environment: the tests count on what they asked for). svid_ttl_seconds: how
+    long SPIRE's SVIDs live (default the stack's, 1 h)."""
     counts = {service: (instances or {}).get(service, 1) for service in SERVICES}
     root = Path(tempfile.mkdtemp(prefix=prefix))
     test_stack = Stack(
@@ -37,6 +40,7 @@ def running_stack(
         authz_cache_seconds=TEST_AUTHZ_CACHE_SECONDS,
         service_env={"PIPELINE_LAKE_FLUSH_SECONDS": "2"},  # tests should not wait for the lake
         instances=counts,
+        svid_ttl_seconds=svid_ttl_seconds,
     )
     try:
         test_stack.up(log=lambda line: print(f"[stack] {line}"))

@@ -608,3 +608,15 @@ def test_supervisor_state_is_read_from_the_stack_directory(tmp_path: Path) -> No
     (tmp_path / "run" / "processor.supervisor.json").write_text("{half a fi")
     assert read_supervision(str(tmp_path), "ingester") == supervisor_state()
     assert read_supervision(str(tmp_path), "processor") is None
+
+
+def test_the_svid_expiry_a_service_exports_is_parsed_and_shown() -> None:
+    from services.cli.status.rates import parse_svid_expiry
+    from services.cli.status.render import svid_expiry_text
+
+    text = 'pipeline_svid_expiry_timestamp_seconds{spiffe_id="spiffe://pipeline.local/service/ingester"} 1.7962e+09\n'
+    assert parse_svid_expiry(text) == 1.7962e9
+    assert parse_svid_expiry('pipeline_records_in_total{stage="x"} 1\n') is None
+    now = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+    assert svid_expiry_text("2026-12-02T08:42:00+00:00", now) == "in 42 min (2026-12-02T08:42:00+00:00)"
+    assert svid_expiry_text("2026-12-02T07:55:00+00:00", now).startswith("EXPIRED 5 min ago")

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from services.common import health, metrics
+import pytest
+
+from services.common import health, metrics, service
 from services.common.dependencies import DependencyWaiter
 from services.common.health import KafkaConnectivity
 from services.common.service import Supervised
@@ -82,11 +86,66 @@ class FakeLoop:
         return None
 
 
+class RenewingIdentity:
+    """An identity source whose SVID a test renews by hand."""
+
+    generation = 0
+
+    def current(self) -> object:
+        return object()
+
+    def close(self) -> None:
+        pass
+
+
+class LoopUntilTold:
+    """A loop that runs until its stop event is set, then leaves (a batch boundary)."""
+
+    def __init__(self, leave: asyncio.Event, made: list[LoopUntilTold]) -> None:
+        self.leave, self.running = leave, False
+        made.append(self)
+
+    async def run(self) -> None:
+        self.running = True
+        await self.leave.wait()
+        self.running = False
+
+
+def test_a_renewed_svid_replaces_the_loop_and_a_stop_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "IDENTITY_CHECK_S", 0.01)
+    identity, made = RenewingIdentity(), []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        supervised = Supervised(
+            "t", lambda leave: LoopUntilTold(leave, made), DependencyWaiter("t", stop), stop, identity
+        )  # type: ignore[arg-type]
+        task = asyncio.create_task(supervised.run())
+        await wait_for(lambda: len(made) == 1 and made[0].running)
+        identity.generation += 1  # the agent renewed the SVID
+        await wait_for(lambda: len(made) == 2 and made[1].running)
+        assert not made[0].running  # the first loop left before its successor ran
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        assert len(made) == 2 and not made[1].running  # a stop ends it: no third loop
+
+    asyncio.run(scenario())
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 def test_supervised_loop_is_not_ready_naming_kafka_when_no_broker_is_up() -> None:
     stage = f"test-{uuid.uuid4().hex[:8]}"
     group = group_id(stage)
     stop = asyncio.Event()
-    loop = Supervised(stage, FakeLoop, DependencyWaiter(stage, stop), stop)
+    loop = Supervised(
+        stage, lambda leave: FakeLoop(), DependencyWaiter(stage, stop), stop, RenewingIdentity()
+    )
     loop.current = FakeLoop()
     assert loop.ready() == (True, f"{stage}: ready")  # no consumer statistics here: nothing to say
     clock = Clock()

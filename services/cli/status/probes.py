@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -42,7 +43,7 @@ from services.cli.status.config import (
     StatusSettings,
 )
 from services.cli.status.lag import GroupLag, PartitionLag, apply_counts, gaps_to_count
-from services.cli.status.rates import Sample, parse_stage_counters
+from services.cli.status.rates import Sample, parse_stage_counters, parse_svid_expiry
 from services.cli.status.report import Check, DlqTotals, StoreCount
 from services.common.kafka import KafkaClients
 from services.common.topology import all_topics, source_of
@@ -116,6 +117,10 @@ async def probe_service(client: httpx.AsyncClient, name: str, url: str) -> tuple
         check = Check(name, False, f"not ready: {not_ready_reasons(extra['readiness'])}", extra)
     else:
         check = Check(name, True, "ready", extra)
+    if isinstance(metrics, Sample) and metrics.svid_expiry is not None:
+        extra["svid_expires_at"] = datetime.fromtimestamp(metrics.svid_expiry, UTC).isoformat(
+            timespec="seconds"
+        )
     return check, describe_sample(metrics)
 
 
@@ -133,7 +138,7 @@ def not_ready_reasons(readiness: str) -> str:
 async def sample_metrics(client: httpx.AsyncClient, url: str) -> Sample:
     response = await _get(client, f"{url}/metrics")
     response.raise_for_status()
-    return Sample(time.monotonic(), parse_stage_counters(response.text))
+    return Sample(time.monotonic(), parse_stage_counters(response.text), parse_svid_expiry(response.text))
 
 
 async def probe_opa(settings: StatusSettings) -> Check:

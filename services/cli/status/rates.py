@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.topology import RECORDS_IN_METRIC, RECORDS_OUT_METRIC
+from services.common.topology import RECORDS_IN_METRIC, RECORDS_OUT_METRIC, SVID_EXPIRY_METRIC
 
 
 @dataclass
@@ -21,6 +21,16 @@ class StageCounters:
 class Sample:
     at: float  # time.monotonic() when the /metrics answer arrived
     stages: dict[str, StageCounters]
+    svid_expiry: float | None = None  # Unix time the service's SVID expires, when it says
+
+
+def parse_svid_expiry(text: str) -> float | None:
+    """The service's SVID expiry (pipeline_svid_expiry_timestamp_seconds), if exported."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == SVID_EXPIRY_METRIC:
+                return float(sample.value)
+    return None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -106,6 +107,16 @@ def window_text(rates: list[ServiceRates]) -> str:
     return f"over the last {low:.1f} s" if high - low < 0.05 else f"over the last {low:.1f}-{high:.1f} s"
 
 
+def svid_expiry_text(expires_at: str, now: datetime) -> str:
+    """ "in 42 min (2026-12-02T09:00:00+00:00)", or "EXPIRED ..." once past."""
+    left = (datetime.fromisoformat(expires_at) - now).total_seconds()
+    return (
+        f"in {left / 60:.0f} min ({expires_at})"
+        if left > 0
+        else f"EXPIRED {-left / 60:.0f} min ago ({expires_at})"
+    )
+
+
 def supervision_lines(check: Check, verbose: bool) -> list[str]:
     """Under a service that was restarted: how often, its last exit and last error (all
     error lines with -v)."""
@@ -133,6 +144,10 @@ def render(report: Report, verbose: bool = False) -> str:
         if verbose and readiness and readiness != c.detail:
             lines += [f"  {'':<20} {line}" for line in readiness.splitlines()]
         lines += supervision_lines(c, verbose)
+        if "svid_expires_at" in c.extra:
+            lines.append(
+                f"  {'':<20} SVID expires {svid_expiry_text(str(c.extra['svid_expires_at']), report.checked_at)}"
+            )
 
     lines += ["", f"  {'consumer group':<20} {'topic':<20} {'committed':>12} {'end':>12} {'lag':>10}"]
     if report.groups_error or report.groups_skipped:
