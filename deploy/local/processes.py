@@ -81,9 +81,14 @@ class ManagedProcess:
         cwd: Path | None = None,
         user: str | None = None,
     ) -> None:
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
+        # Logs may hold what a component saw (records in errors, paths, principals), pid files
+        # and supervisor states what runs: the stack's user's only.
+        for directory in (self.pid_file.parent, self.log_file.parent):
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o700)
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # also a log made by an older stack
+        with os.fdopen(fd, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(argv)}\n".encode())
             log.flush()
             # A session of its own: the process outlives `make up` and ignores its Ctrl-C.

@@ -101,6 +101,7 @@ class S3Server:
     def start(self) -> None:
         classpath = s3proxy_classpath()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # the lake's objects and the server's keys: the stack's user's only
         self._write_config()
         self.process.start(
             [

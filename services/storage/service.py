@@ -120,6 +120,8 @@ async def build(runtime: Runtime[StorageSettings]) -> Built:
             # Clients of the SVID as it is now (a renewal makes a new loop); the dead letters
             # of a store sink go through a plain producer of its own, flushed before each commit.
             clients = runtime.clients
+            if s.name == "search" and settings.es_ca is None:  # the node's next SVID may be from a new CA
+                s.trust(clients.identity.bundle_pem)  # type: ignore[attr-defined]
             return SinkLoop(
                 s, clients=clients, instance=settings.instance_id, store=runtime.store, opa=opa,
                 dlq=clients.producer(), stop=leave, waiter=w, batch_size=settings.batch_size,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import shlex
 import subprocess
 import uuid
@@ -11,6 +13,7 @@ from pathlib import Path
 import asyncpg
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
+from deploy.local.components import KafkaBroker, OpaServer
 from deploy.local.search_server import READER_USER, WRITER_USER
 from deploy.local.stack import Stack
 from services.common.topology import (
@@ -162,7 +165,6 @@ def test_demo_reports_where_every_event_went_and_the_counts_add_up(stack: Stack,
 def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(stack: Stack) -> None:
     # Cluster ids are random base64url: one in 64 starts with "-", which the storage tool
     # once took for an option, and that `make up` failed.
-    from deploy.local.components import KafkaBroker
     from deploy.local.stack import BROKER_ID, TD
 
     # Under the stack's root, which the broker's OS user may enter (pytest's tmp_path it may not).
@@ -175,3 +177,26 @@ def test_kafka_storage_formats_with_a_cluster_id_that_starts_with_a_dash(stack: 
     )
     broker.format_storage("-7N0lY9aTq-7Eg7U3Zwnzw")
     assert "cluster.id=-7N0lY9aTq-7Eg7U3Zwnzw" in (broker.data_dir / "meta.properties").read_text()
+
+
+def test_stack_files_are_readable_only_by_their_owners(stack: Stack) -> None:
+    """Data, logs, keys and stores: no other local user may read them (issue: files and permissions)."""
+    private = {
+        stack.root / "logs": None,
+        stack.root / "run": None,
+        stack.spire_server.dir: None,  # the CA's keys
+        stack.spire_agent.dir: None,
+        stack.kafka.dir: KafkaBroker.USER,  # segments and metadata
+        stack.opa.dir: OpaServer.USER,  # its store and its SVID files
+        stack.s3.dir: None,  # the lake's objects
+        stack.postgres.data_dir: "postgres",
+    }
+    for path, owner in private.items():
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+        if owner is not None and os.geteuid() == 0:
+            assert pwd.getpwuid(path.stat().st_uid).pw_name == owner, path
+    for log in (stack.root / "logs").glob("*.log"):
+        assert log.stat().st_mode & 0o077 == 0, f"{log} is readable by others"
+    # Elasticsearch's directory: its user and group only.
+    assert stack.search.dir.stat().st_mode & 0o007 == 0

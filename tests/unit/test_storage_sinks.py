@@ -191,3 +191,16 @@ def test_search_settings_make_a_client_with_basic_auth_and_the_ca(
         }
     finally:
         asyncio.run(sink.close())
+
+
+def test_the_search_sink_also_trusts_a_renewed_bundle() -> None:
+    # The trust domain's CA rotates: a node's next SVID is signed by a CA the sink did not
+    # know at start; the storage service hands it each renewed bundle.
+    first, second = devca.create_ca(), devca.create_ca()
+    sink = search.SearchSink("https://localhost:9200", auth=("u", "p"), ca_pem=first.bundle_pem)
+    try:
+        assert len(sink.tls.get_ca_certs()) == 1  # type: ignore[union-attr]
+        sink.trust(second.bundle_pem)
+        assert len(sink.tls.get_ca_certs()) == 2  # type: ignore[union-attr]
+    finally:
+        asyncio.run(sink.close())

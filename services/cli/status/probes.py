@@ -464,6 +464,11 @@ async def probe_kafka(settings: StatusSettings) -> KafkaView:
     except Exception as e:
         return KafkaView.down(Check("kafka", False, describe(e, CHECK_TIMEOUT_S)))
     check = kafka_check(kafka.metadata)
+    # pipectl's own SVID, as the broker was just shown it (the services' are under theirs).
+    identity = kafka.clients.identity
+    check.extra.update(
+        identity=identity.spiffe_id, svid_expires_at=identity.not_after.isoformat(timespec="seconds")
+    )
     if not check.ok:
         return KafkaView.down(check)
     deadline = time.monotonic() + DATA_TIMEOUT_S - 1  # leaves the reader time to stop cleanly

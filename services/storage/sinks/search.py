@@ -156,12 +156,19 @@ class SearchSink:
         # A context of our own rather than ca_certs: for a node named by its IP address
         # (https://127.0.0.1:...) the client would skip the name check; this one checks the
         # address against the certificate's IP SANs.
-        tls = {"ssl_context": ssl.create_default_context(cadata=ca_pem.decode())} if ca_pem else {}
+        self.tls = ssl.create_default_context(cadata=ca_pem.decode()) if ca_pem else None
+        tls = {"ssl_context": self.tls} if self.tls else {}
         self.client = AsyncElasticsearch(
             url, basic_auth=auth, request_timeout=30, serializer=OrjsonSerializer(), **tls
         )
         self._template_ready = False
         self._indices: dict[int, str] = {}  # index names by day since the epoch
+
+    def trust(self, ca_pem: bytes) -> None:
+        """Also trust these CAs from now on (a renewed SPIFFE bundle: the trust domain's CA
+        rotates and the node's next SVID is signed by the new one); old ones stay trusted."""
+        if self.tls is not None:
+            self.tls.load_verify_locations(cadata=ca_pem.decode())
 
     async def write(self, events: list[StoredEvent]) -> Refused:
         refused, items = self.bulk_items(events, time.time_ns() // 1_000_000)
