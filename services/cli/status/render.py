@@ -145,9 +145,9 @@ def render(report: Report, verbose: bool = False) -> str:
             lines += [f"  {'':<20} {line}" for line in readiness.splitlines()]
         lines += supervision_lines(c, verbose)
         if "svid_expires_at" in c.extra:
-            lines.append(
-                f"  {'':<20} SVID expires {svid_expiry_text(str(c.extra['svid_expires_at']), report.checked_at)}"
-            )
+            whose = f" of {c.extra['identity']} (pipectl's own)" if "identity" in c.extra else ""
+            expiry = svid_expiry_text(str(c.extra["svid_expires_at"]), report.checked_at)
+            lines.append(f"  {'':<20} SVID{whose} expires {expiry}")
 
     lines += ["", f"  {'consumer group':<20} {'topic':<20} {'committed':>12} {'end':>12} {'lag':>10}"]
     if report.groups_error or report.groups_skipped:
