@@ -19,7 +19,7 @@ import httpx
 
 from deploy.local import tools
 from deploy.local.os_users import as_user, ensure_system_user, own_tree
-from deploy.local.processes import ManagedProcess, StackError, alive, wait_until
+from deploy.local.processes import ManagedProcess, StackError, alive, raise_exited, wait_until
 from services.common.health import supervisor_state_file
 from services.common.identity import IdentityError, X509Identity
 from services.common.topology import BROKER_AUTHZ_POLICY
@@ -379,10 +379,6 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-
-
-def raise_exited(process: ManagedProcess) -> None:
-    raise StackError(f"{process.name} exited during start; see {process.log_file}")
 
 
 class PipelineService:

@@ -54,6 +54,11 @@ def wait_until(
         time.sleep(interval)
 
 
+def raise_exited(process: ManagedProcess) -> None:
+    """A process that died while we waited for it to start: its log says why."""
+    raise StackError(f"{process.name} exited during start; see {process.log_file}")
+
+
 class ManagedProcess:
     def __init__(self, name: str, run_dir: Path, log_dir: Path, stop_signal: int = signal.SIGTERM):
         self.name = name

@@ -36,7 +36,7 @@ import httpx
 
 from deploy.local import devca, tools
 from deploy.local.os_users import as_user, ensure_system_user
-from deploy.local.processes import ManagedProcess, StackError, wait_until
+from deploy.local.processes import ManagedProcess, StackError, raise_exited, wait_until
 
 ES_VERSION = "8.19.21"  # keep in step with deploy/local/elasticsearch/pom.xml and the Makefile
 ES_USER = "pipeline-es"
@@ -168,7 +168,7 @@ class SearchServer:
 
     def _up_or_exited(self) -> bool:
         if self.process.exited():
-            raise StackError(f"{self.process.name} exited during start; see {self.process.log_file}")
+            raise_exited(self.process)
         return self.healthy()
 
     def _configure(self, user: pwd.struct_passwd | None) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from deploy.local import tools
 from deploy.local.os_users import as_user, own, switching_users
-from deploy.local.processes import ManagedProcess, StackError, wait_until
+from deploy.local.processes import ManagedProcess, StackError, raise_exited, wait_until
 
 TRUST_DOMAIN = "pipeline.local"
 NODE_ID = f"spiffe://{TRUST_DOMAIN}/node/local"
@@ -117,7 +117,7 @@ class SpireServer:
 
     def _up_or_exited(self) -> bool:
         if self.process.exited():
-            raise StackError(f"{self.process.name} exited during start; see {self.process.log_file}")
+            raise_exited(self.process)
         return self.healthy()
 
     def _cli(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -252,7 +252,7 @@ class SpireAgent:
 
     def _up_or_exited(self) -> bool:
         if self.process.exited():
-            raise StackError(f"{self.process.name} exited during start; see {self.process.log_file}")
+            raise_exited(self.process)
         return self.healthy()
 
     def offered(self) -> set[str]:
@@ -325,5 +325,5 @@ class SvidFiles:
 
     def _written_or_exited(self) -> bool:
         if self.process.exited():
-            raise StackError(f"{self.process.name} exited during start; see {self.process.log_file}")
+            raise_exited(self.process)
         return self.written()

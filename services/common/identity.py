@@ -288,9 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     identity = source.current()
     if args.write is None:
         source.close()
-        fields = ("spiffe_id", "cert_chain_pem", "key_pem", "bundle_pem")
-        out = {f: v.decode() if isinstance(v, bytes) else v for f in fields for v in [getattr(identity, f)]}
-        print(json.dumps({**out, "not_after": identity.not_after.isoformat()}))
+        print(
+            json.dumps(
+                {
+                    "spiffe_id": identity.spiffe_id,
+                    "cert_chain_pem": identity.cert_chain_pem.decode(),
+                    "key_pem": identity.key_pem.decode(),
+                    "bundle_pem": identity.bundle_pem.decode(),
+                    "not_after": identity.not_after.isoformat(),
+                }
+            )
+        )
         return 0
     args.write.mkdir(parents=True, exist_ok=True)
     write_files_atomically(identity, args.write)
