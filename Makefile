@@ -20,6 +20,9 @@ S3_LIB := deploy/local/s3/target/lib/.complete
 # refused for SPIRE here). `make spire` builds both into the cache.
 SPIRE_VERSION := v1.13.3
 SPIRE_BIN := $(PIPELINE_CACHE)/spire-$(SPIRE_VERSION)/bin
+# Prometheus, promtool and the PostgreSQL exporter: Debian's packages unpacked into the cache
+# (not installed: no system service), deploy/local/monitoring.py.
+PROMETHEUS_DIR := $(PIPELINE_CACHE)/prometheus
 export PIPELINE_CACHE
 
 .PHONY: help deps system-deps up down clean status test test-unit test-opa test-java test-integration lint bench spire
@@ -32,7 +35,8 @@ help:
 	@echo "make bench   end-to-end benchmark on its own stack; BENCH_ARGS=\"--events 50000\" (see scripts/bench.py)"
 
 # Everything the stack and the tests need, installed once and reused afterwards.
-deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN) $(ES_UNPACKED) $(S3_LIB) $(SPIRE_BIN)/spire-server
+deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN) $(ES_UNPACKED) $(S3_LIB) $(SPIRE_BIN)/spire-server \
+	$(PROMETHEUS_DIR)/.unpacked
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -77,6 +81,9 @@ $(SPIRE_BIN)/spire-server: deploy/local/spire/go.mod deploy/local/spire/go.sum
 	@touch $@
 
 spire: $(SPIRE_BIN)/spire-server
+
+$(PROMETHEUS_DIR)/.unpacked: scripts/unpack-debian-packages.sh
+	@scripts/unpack-debian-packages.sh $(PROMETHEUS_DIR) prometheus prometheus-postgres-exporter
 
 up: deps
 	$(PY) -m deploy.local.stack up

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from deploy.local import tools
+from deploy.local.monitoring import jmx_agent_option
 from deploy.local.os_users import as_user, ensure_system_user, own_tree
 from deploy.local.processes import ManagedProcess, StackError, alive, raise_exited, wait_until
 from services.common.health import supervisor_state_file
@@ -319,9 +320,10 @@ class KafkaBroker:
         if result.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
 
-    def start(self, healthy: callable, spiffe_endpoint: str) -> None:  # type: ignore[valid-type]
+    def start(self, healthy: callable, spiffe_endpoint: str, metrics_port: int) -> None:  # type: ignore[valid-type]
+        """metrics_port: where the JMX exporter agent serves the broker's /metrics (loopback)."""
         # acceptAll: any SPIFFE ID of the trust domain may connect; OPA decides what it may do.
-        java = [*self._java(heap=True), "-Dssl.spiffe.acceptAll=true"]
+        java = [*self._java(heap=True), "-Dssl.spiffe.acceptAll=true", jmx_agent_option(metrics_port)]
         self.process.start(
             [*as_user(self.user), *java, "kafka.Kafka", str(self.config_file)],
             env={"SPIFFE_ENDPOINT_SOCKET": spiffe_endpoint},

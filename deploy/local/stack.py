@@ -40,6 +40,7 @@ from confluent_kafka.admin import (
 )
 
 from deploy.local.components import KafkaBroker, OpaServer, PipelineService, PostgresServer
+from deploy.local.monitoring import PostgresExporter, PrometheusServer
 from deploy.local.os_users import as_user, can_run, ensure_system_user, switching_users
 from deploy.local.processes import ManagedProcess, StackError
 from deploy.local.s3server import S3Server
@@ -83,6 +84,10 @@ DEFAULT_PORTS = {
     "ingester": 18081,
     "processor": 18082,
     "storage": 18083,
+    "lag-exporter": 18085,
+    "kafka-metrics": 18086,  # the broker's JMX exporter agent
+    "postgres-exporter": 18087,
+    "prometheus": 19090,
 }
 # The pipeline's services, in start order, with the identity each runs as.
 SERVICES = {"ingester": "service-ingester", "processor": "service-processor", "storage": "service-storage"}
@@ -102,7 +107,12 @@ PG_LOGINS = {
     "processor": "pipeline_processor",
     "storage": "pipeline_storage",
     "operator": "pipeline_operator",
+    # prometheus-postgres-exporter: the server's statistics (pg_monitor), in database `postgres`.
+    "monitor": "pipeline_monitor",
 }
+# The lag exporter's identity and system user (services/lag_exporter/).
+LAG_EXPORTER_IDENTITY = "ops-lag-exporter"
+LAG_EXPORTER_USER = "pipeline-lag-exporter"
 DEFAULT_AUTHZ_CACHE_SECONDS = 10
 # Kafka client quota per source identity (bytes/s produced), so one flooding source is
 # throttled by the broker without slowing the others. Override: PIPELINE_SOURCE_PRODUCER_BYTE_RATE.
@@ -228,6 +238,9 @@ class Stack:
                     self.root, name, p[name], service, local_instance_id(n)
                 )
         self.services = {name: self.instances[name] for name in SERVICES}
+        self.lag_exporter = PipelineService(self.root, "lag-exporter", p["lag-exporter"], "lag_exporter")
+        self.postgres_exporter = PostgresExporter(self.root, p["postgres-exporter"])
+        self.prometheus = PrometheusServer(self.root, p["prometheus"])
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -246,6 +259,12 @@ class Stack:
         applied = asyncio.run(self._prepare_database())
         if applied:
             log(f"postgres: applied migrations {', '.join(applied)}")
+        self._ensure(
+            self.postgres_exporter.process,
+            self.postgres_exporter.healthy,
+            lambda: self.postgres_exporter.start(self.pg_monitor_dsn),
+            log,
+        )
 
         self.kafka.configure(
             broker_id=BROKER_ID,
@@ -283,6 +302,11 @@ class Stack:
         self.write_env()
         for name, service in self.instances.items():
             self._ensure(service.process, service.healthy, lambda n=name: self.start_service(n), log)
+        self._ensure(self.lag_exporter.process, self.lag_exporter.healthy, self.start_lag_exporter, log)
+        if self.prometheus.configure(self.scrape_targets()) and self.prometheus.process.running():
+            self.prometheus.reload()
+            log("prometheus: scrape configuration reloaded")
+        self._ensure(self.prometheus.process, self.prometheus.healthy, self.prometheus.start, log)
         # Fewer instances than last time: stop the ones no longer wanted (scale in).
         for process in self._surplus_instances():
             process.stop()
@@ -311,6 +335,9 @@ class Stack:
     def down(self, log=print) -> None:  # type: ignore[no-untyped-def]
         processes = [*self._surplus_instances(), *(s.process for s in reversed(self.instances.values()))]
         servers = [
+            self.prometheus.process,
+            self.lag_exporter.process,
+            self.postgres_exporter.process,
             self.search.process,
             self.search_svid.process,
             self.s3.process,
@@ -344,6 +371,31 @@ class Stack:
             "PIPELINE_IDENTITY": SERVICES[instance.service],
         }
         instance.start(env, self.service_user(instance.service))
+
+    def start_lag_exporter(self) -> None:
+        user = ensure_system_user(LAG_EXPORTER_USER, "pipeline lag exporter (native stack)")
+        self.lag_exporter.start(
+            {
+                "PIPELINE_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
+                "SPIFFE_ENDPOINT_SOCKET": self.spire_agent.endpoint,
+                "PIPELINE_IDENTITY": LAG_EXPORTER_IDENTITY,
+            },
+            user,
+        )
+
+    def scrape_targets(self) -> dict[str, list[tuple[str, dict[str, str]]]]:
+        """What Prometheus scrapes: job -> [(host:port, target labels)]."""
+        p = self.state.ports
+        return {
+            "pipeline": [
+                (f"127.0.0.1:{i.port}", {"service": i.service, "instance": i.name})
+                for i in self.instances.values()
+            ],
+            "lag-exporter": [(f"127.0.0.1:{p['lag-exporter']}", {"instance": "lag-exporter"})],
+            "kafka": [(f"127.0.0.1:{p['kafka-metrics']}", {"instance": "kafka"})],
+            "postgres": [(f"127.0.0.1:{p['postgres-exporter']}", {"instance": "postgres"})],
+            "prometheus": [(f"127.0.0.1:{p['prometheus']}", {"instance": "prometheus"})],
+        }
 
     def service_user(self, service: str) -> pwd.struct_passwd | None:
         return ensure_system_user(SERVICE_USERS[service], f"pipeline {service} service (native stack)")
@@ -435,7 +487,7 @@ class Stack:
 
     def start_kafka(self) -> None:
         """Start the broker (also after a test stopped it) and wait until it serves."""
-        self.kafka.start(self.kafka_healthy, self.spire_agent.endpoint)
+        self.kafka.start(self.kafka_healthy, self.spire_agent.endpoint, self.state.ports["kafka-metrics"])
 
     def kafka_healthy(self) -> bool:
         try:  # quiet: while the broker starts, every probe's refused connection would be logged
@@ -550,6 +602,13 @@ class Stack:
         """The owner's login: for migrations, the stack itself, tests and benchmarks only."""
         return self.postgres.dsn("pipeline", self.state.pg_password, "pipeline")
 
+    @property
+    def pg_monitor_dsn(self) -> str:
+        """The PostgreSQL exporter's login, to the `postgres` database: it reads the server's
+        statistics views, which need no table of ours."""
+        dsn = self.postgres.dsn(PG_LOGINS["monitor"], self.state.pg_login_passwords["monitor"], "postgres")
+        return dsn + "?sslmode=disable"  # loopback, as every client of the stack's server (lib/pq asks for TLS)
+
     def pg_login_dsn(self, login: str) -> str:
         """The login of a service (`ingester`, `processor`, `storage`) or of `operator`."""
         return self.postgres.dsn(PG_LOGINS[login], self.state.pg_login_passwords[login], "pipeline")
@@ -565,6 +624,7 @@ class Stack:
             for role, password in roles.items():
                 if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
                     await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+            await conn.execute(f"GRANT pg_monitor TO {PG_LOGINS['monitor']}")  # idempotent
             if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'pipeline'"):
                 await conn.execute("CREATE DATABASE pipeline OWNER pipeline")
         finally:
@@ -618,6 +678,7 @@ class Stack:
             **self._settings("operator", lake_keys=True),
             "PIPELINE_ES_CA": str(self.search.ca_file),
             **self.search_credentials(READER_USER),
+            "PIPELINE_PROMETHEUS_URL": self.prometheus.url,
         }
 
     def env_for(self, service: str) -> dict[str, str]:
@@ -676,6 +737,14 @@ class Stack:
             ("s3", self.s3.process, self.s3.healthy, self.s3.endpoint),
             ("elasticsearch", self.search.process, self.search.healthy, self.search.url),
             *((s.name, s.process, s.ready, s.url) for s in self.instances.values()),
+            ("lag-exporter", self.lag_exporter.process, self.lag_exporter.ready, self.lag_exporter.url),
+            (
+                "pg-exporter",
+                self.postgres_exporter.process,
+                self.postgres_exporter.healthy,
+                self.postgres_exporter.url,
+            ),
+            ("prometheus", self.prometheus.process, self.prometheus.healthy, self.prometheus.url),
         ):
             pid = process.pid
             state = "stopped" if pid is None else ("healthy" if healthy() else "unhealthy")
@@ -728,11 +797,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(stack: Stack) -> None:
-    print(f"\n{'component':<10} {'state':<10} {'address':<28} log")
+    print(f"\n{'component':<14} {'state':<10} {'address':<28} log")
     for name, state, address, log in stack.status():
-        print(f"{name:<10} {state:<10} {address:<28} {log}")
+        print(f"{name:<14} {state:<10} {address:<28} {log}")
     print(f"\nsettings:   . {stack.env_file}")
     print(f"identities: SPIRE Workload API at {stack.spire_agent.endpoint} (entries: {ENTRIES_FILE})")
+    print(f"metrics:    Prometheus at {stack.prometheus.url} (alerts: {stack.prometheus.url}/alerts)")
+    print(f"lag view:   {stack.prometheus.lag_view}")
 
 
 if __name__ == "__main__":

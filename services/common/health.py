@@ -23,12 +23,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 log = logging.getLogger(__name__)
 # A consumer that has seen no broker UP for this long cannot do its work: not ready. The
 # statistics come every 5 s, so this is three of them in a row without a connection.
 KAFKA_GRACE_S = 15.0
+# What /readyz answers, as a metric: a dashboard and an alert see readiness over time.
+READY = Gauge("pipeline_ready", "1 while /readyz answers 200 (the process can do its work now)")
 
 
 def supervisor_state_file(stack_dir: Path | str, service: str) -> Path:
@@ -88,6 +90,7 @@ def known_kafka_connectivity(group: str) -> KafkaConnectivity | None:
 class HealthServer:
     def __init__(self, host: str, port: int, ready: Callable[[], tuple[bool, str]], stall_s: float = 60.0):
         self.host, self.port, self.ready, self.stall_s = host, port, ready, stall_s
+        READY.set_function(lambda: float(self.ready()[0]))
         self.last_beat = time.monotonic()
         self._httpd: ThreadingHTTPServer | None = None
         self._beat: asyncio.Task[None] | None = None

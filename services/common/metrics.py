@@ -40,6 +40,18 @@ BATCH_SECONDS = Histogram(
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+SINK_WRITE_SECONDS = Histogram(
+    "pipeline_sink_write_duration_seconds",
+    "One write of a batch (or part of one) to a sink's store",
+    ["sink"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+END_TO_END_SECONDS = Histogram(
+    "pipeline_end_to_end_seconds",
+    "From an event's arrival on its raw topic (the broker's timestamp) to its commit in a sink",
+    ["sink"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
 CONSUMER_LAG = Gauge(
     CONSUMER_LAG_METRIC, "Records behind the end of the partition", ["group", "topic", "partition"]
 )
@@ -63,6 +75,27 @@ SVID_EXPIRY = Gauge(
     "When this service's X.509-SVID expires (Unix time); SPIRE renews it at half life",
     ["spiffe_id"],
 )
+
+
+# Every failure kind (services/common/dlq.py ErrorClass; not imported: dlq imports much more).
+ERROR_CLASSES = (
+    "parse_error", "schema_violation", "policy_denied", "enrichment_failed", "sink_failed", "oversized", "poison",
+)  # fmt: skip
+
+
+def zero_series(stage: str, sink: str | None = None) -> None:
+    """The series a stage can ever count, at 0 from its start: a dashboard panel or an alert
+    then sees "none so far" as 0, not as no data (a labelled counter is absent until used)."""
+    RECORDS_IN.labels(stage)
+    DUPLICATES.labels(stage)
+    TRANSACTIONS_ABORTED.labels(stage)
+    for error_class in ERROR_CLASSES:
+        DEAD_LETTERS.labels(stage, error_class)
+    if sink is not None:
+        RECORDS_OUT.labels(stage, sink)
+        FILTERED.labels(stage, "policy")
+        SINK_WRITE_SECONDS.labels(sink)
+        END_TO_END_SECONDS.labels(sink)
 
 
 def export_svid_expiry(identity: IdentitySource) -> None:

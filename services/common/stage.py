@@ -98,6 +98,7 @@ class TransactionalStage:
     ):
         """consumer, producer: clients to use instead of building them (tests)."""
         self.config, self.transform, self.poison, self.stop = config, transform, poison, stop
+        metrics.zero_series(config.name)
         self.consumer = consumer if consumer is not None else _stage_consumer(config, clients)
         # Not `producer or ...`: a Producer with nothing queued is falsy (len() counts its queue).
         self.producer = (

@@ -149,7 +149,12 @@ class TopicSpec:
 
 
 def raw_topic_spec(source: str) -> TopicSpec:
-    return TopicSpec(raw_topic(source), config={"max.message.bytes": str(LARGE_RECORD_BYTES)})
+    # The broker's clock, not the source's, stamps a raw record: the time an event arrived
+    # (received_at), the lag in seconds and the end-to-end latency cannot be forged by a source.
+    return TopicSpec(
+        raw_topic(source),
+        config={"max.message.bytes": str(LARGE_RECORD_BYTES), "message.timestamp.type": "LogAppendTime"},
+    )
 
 
 # Every topic but the raw ones, which exist per source (raw_topic_spec).

@@ -70,6 +70,7 @@ class SinkLoop:
         consumer: a client to use instead of building one (tests)."""
         self.sink, self.opa, self.dlq, self.stop = sink, opa, dlq, stop
         self.stage = sink_stage(sink.name)
+        metrics.zero_series(self.stage, sink.name)
         self.serde = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
         self.dead_letters = DeadLetters(store, self.stage)
         self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
@@ -148,9 +149,15 @@ class SinkLoop:
         async def write_once(part: list[StoredEvent]) -> Refused:
             # DependencyUnavailable is retried inside (the circuit breaker); Stopping leaves
             # the batch uncommitted. Neither is about a record.
-            return await self.waiter.call(self.sink.dependency, lambda: self.sink.write(part))
+            return await self.waiter.call(self.sink.dependency, lambda: self._timed_write(part))
 
         return await write_isolating(self.sink.name, write_once, events)
+
+    async def _timed_write(self, part: list[StoredEvent]) -> Refused:
+        started = time.monotonic()
+        refused = await self.sink.write(part)
+        metrics.SINK_WRITE_SECONDS.labels(self.sink.name).observe(time.monotonic() - started)
+        return refused
 
     async def _allowed(self, events: list[StoredEvent]) -> list[StoredEvent]:
         """Ask the storage policy (once per distinct case) which events this sink may get,
@@ -221,6 +228,13 @@ class SinkLoop:
             metrics.FILTERED.labels(stage, "policy").inc(len(buffer.events) - len(allowed))
         metrics.BATCH_SIZE.labels(stage).observe(len(buffer))
         metrics.BATCH_SECONDS.labels(stage).observe(seconds)
+        # From the broker's stamp on the raw record (received_at) to now, committed here.
+        stored_at_us = time.time() * 1_000_000
+        observe = metrics.END_TO_END_SECONDS.labels(self.sink.name).observe
+        not_stored = {id(event) for event, _ in refused}
+        for event in allowed:
+            if id(event) not in not_stored:
+                observe((stored_at_us - event.record["received_at"]) / 1_000_000)
 
 
 async def write_isolating(sink: str, write: Write, events: list[StoredEvent]) -> Refused:

@@ -45,6 +45,8 @@ DATABASE_GRANTS = {
     "pipeline_processor": {"CONNECT"},
     "pipeline_storage": {"CONNECT", "TEMPORARY"},
     "pipeline_operator": {"CONNECT"},
+    # The PostgreSQL exporter reads the server's statistics from database `postgres`.
+    "pipeline_monitor": set(),
 }
 GRANTEES = (*PG_LOGINS.values(), "public")  # `public`: PUBLIC, i.e. any role of the server
 

@@ -311,12 +311,16 @@ class FakeOpa:
 
 
 class FakeClock:
-    """Stands in for a module's `time` (monotonic only); tests move it by hand."""
+    """Stands in for a module's `time` (monotonic, and time at the epoch's start plus the
+    same); tests move it by hand."""
 
     def __init__(self, now: float = 1000.0):
         self.now = now
 
     def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
         return self.now
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from services.common.metrics import CONSUMER_LAG, consumer_lag_callback
+from services.common.dlq import ErrorClass
+from services.common.metrics import CONSUMER_LAG, ERROR_CLASSES, consumer_lag_callback
 
 
 def test_consumer_lag_is_exported_per_group_and_partition() -> None:
@@ -27,3 +28,7 @@ def test_a_group_that_never_committed_lags_by_everything_it_has_not_read() -> No
     stats = {"topics": {"pipeline.processed": {"partitions": {"2": partition}}}}
     consumer_lag_callback("storage-postgres")(json.dumps(stats))
     assert CONSUMER_LAG.labels("storage-postgres", "pipeline.processed", "2")._value.get() == 240
+
+
+def test_zero_series_know_every_error_class() -> None:
+    assert set(ERROR_CLASSES) == {c.value for c in ErrorClass}

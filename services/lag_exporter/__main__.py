@@ -1,0 +1,3 @@
+from services.lag_exporter.service import main
+
+main()

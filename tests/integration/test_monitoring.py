@@ -1,0 +1,75 @@
+"""Prometheus in the native stack: every target scraped, the lag exporter's figures (records
+and seconds behind, transaction markers skipped), the broker's and PostgreSQL's exporters."""
+
+from __future__ import annotations
+
+import uuid
+
+from deploy.local.stack import Stack
+from services.common.topology import group_id, sink_stage
+from tests.integration.kafka_helpers import eventually
+from tests.integration.pipeline_helpers import produce_all
+from tests.integration.test_storage import raw_event
+
+LAKE_GROUP = group_id(sink_stage("lake"))
+
+
+def values(stack: Stack, expr: str) -> list[float]:
+    return [float(sample["value"][1]) for sample in stack.prometheus.query(expr)]
+
+
+def total(stack: Stack, expr: str) -> float | None:
+    """The sum of an expression's samples, None while it has none."""
+    found = values(stack, expr)
+    return sum(found) if found else None
+
+
+def test_prometheus_scrapes_every_component(stack: Stack) -> None:
+    wanted = {
+        *(("pipeline", name) for name in stack.instances),
+        ("lag-exporter", "lag-exporter"),
+        ("kafka", "kafka"),
+        ("postgres", "postgres"),
+        ("prometheus", "prometheus"),
+    }
+
+    def all_up() -> bool:
+        up = {(s["metric"]["job"], s["metric"]["instance"]): s["value"][1] for s in stack.prometheus.query("up")}
+        return all(up.get(target) == "1" for target in wanted)
+
+    eventually(all_up, 60, f"every target up in Prometheus: {sorted(wanted)}")
+    # Each exporter's own figures, not only its `up`.
+    eventually(lambda: values(stack, "pg_up") == [1.0], 30, "PostgreSQL exporter connected")
+    eventually(
+        lambda: bool(values(stack, "kafka_server_brokertopicmetrics_messagesinpersec_total")),
+        60,
+        "the broker's JMX metrics",
+    )
+    eventually(lambda: values(stack, "min(pipeline_ready)") == [1.0], 60, "every service ready")
+
+
+def test_lag_grows_while_a_sink_store_is_stopped_and_falls_after(stack: Stack) -> None:
+    lag = f'sum(pipeline_group_lag_records{{group="{LAKE_GROUP}"}})'
+    age = f'max(pipeline_group_lag_seconds{{group="{LAKE_GROUP}"}})'
+    eventually(lambda: total(stack, lag) is not None, 60, f"{LAKE_GROUP} lag in Prometheus")
+    stack.s3.process.stop()
+    try:
+        first = [raw_event(event_id=str(uuid.uuid4())) for _ in range(200)]
+        produce_all(stack, first)
+        eventually(lambda: (total(stack, lag) or 0) >= 200, 120, f"{LAKE_GROUP} 200+ records behind")
+        before = total(stack, lag) or 0
+        produce_all(stack, [raw_event(event_id=str(uuid.uuid4())) for _ in range(200)])
+        eventually(lambda: (total(stack, lag) or 0) >= before + 200, 120, f"{LAKE_GROUP} lag growing")
+        eventually(lambda: (total(stack, age) or 0) > 0, 60, f"{LAKE_GROUP} seconds behind")
+    finally:
+        stack.s3.start()
+    eventually(lambda: total(stack, lag) == 0, 240, f"{LAKE_GROUP} caught up after S3 is back")
+    assert total(stack, age) == 0
+
+
+def test_caught_up_transactional_groups_show_no_lag(stack: Stack) -> None:
+    """The processor commits in transactions: its commit markers are not records behind."""
+    produce_all(stack, [raw_event(event_id=str(uuid.uuid4())) for _ in range(50)])
+    for stage in ("ingester", "processor"):
+        expr = f'sum(pipeline_group_lag_records{{group="{group_id(stage)}"}})'
+        eventually(lambda e=expr: total(stack, e) == 0, 120, f"{group_id(stage)} caught up, 0 records behind")
