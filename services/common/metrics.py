@@ -89,11 +89,11 @@ def zero_series(stage: str, sink: str | None = None) -> None:
     RECORDS_IN.labels(stage)
     DUPLICATES.labels(stage)
     TRANSACTIONS_ABORTED.labels(stage)
+    FILTERED.labels(stage, "policy")  # a policy's reason, when it gives none
     for error_class in ERROR_CLASSES:
         DEAD_LETTERS.labels(stage, error_class)
     if sink is not None:
         RECORDS_OUT.labels(stage, sink)
-        FILTERED.labels(stage, "policy")
         SINK_WRITE_SECONDS.labels(sink)
         END_TO_END_SECONDS.labels(sink)
 

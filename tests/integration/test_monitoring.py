@@ -1,17 +1,29 @@
 """Prometheus in the native stack: every target scraped, the lag exporter's figures (records
-and seconds behind, transaction markers skipped), the broker's and PostgreSQL's exporters."""
+and seconds behind, transaction markers skipped), the broker's and PostgreSQL's exporters,
+and every Grafana dashboard panel's query answered with live data (deploy/grafana/)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
+from deploy.grafana.dashboards import OUT_DIR, panel_queries
 from deploy.local.stack import Stack
-from services.common.topology import group_id, sink_stage
+from services.common.topology import STAGES, group_id, sink_stage
 from tests.integration.kafka_helpers import eventually
 from tests.integration.pipeline_helpers import produce_all
 from tests.integration.test_storage import raw_event
 
 LAKE_GROUP = group_id(sink_stage("lake"))
+OVERVIEW = json.loads((OUT_DIR / "pipeline-overview.json").read_text())
+STAGE = json.loads((OUT_DIR / "pipeline-stage.json").read_text())
+# "All", as Grafana sends it for a multi-value variable.
+ALL = {"group": ".*", "stage": ".*", "instance": ".*"}
+
+
+def panel_expr(dashboard: dict, title: str, **variables: str) -> str:
+    (expr,) = [e for _, panel, e in panel_queries(dashboard, {**ALL, **variables}) if panel == title]
+    return expr
 
 
 def values(stack: Stack, expr: str) -> list[float]:
@@ -48,9 +60,10 @@ def test_prometheus_scrapes_every_component(stack: Stack) -> None:
     eventually(lambda: values(stack, "min(pipeline_ready)") == [1.0], 60, "every service ready")
 
 
-def test_lag_grows_while_a_sink_store_is_stopped_and_falls_after(stack: Stack) -> None:
-    lag = f'sum(pipeline_group_lag_records{{group="{LAKE_GROUP}"}})'
-    age = f'max(pipeline_group_lag_seconds{{group="{LAKE_GROUP}"}})'
+def test_lag_panels_grow_while_a_sink_store_is_stopped_and_fall_after(stack: Stack) -> None:
+    """The overview's lag panels, for the lake's group: what a user watches while S3 is away."""
+    lag = f"sum({panel_expr(OVERVIEW, 'Lag per group and partition (records)', group=LAKE_GROUP)})"
+    age = f"max({panel_expr(OVERVIEW, 'Lag per group and partition (seconds)', group=LAKE_GROUP)})"
     eventually(lambda: total(stack, lag) is not None, 60, f"{LAKE_GROUP} lag in Prometheus")
     stack.s3.process.stop()
     try:
@@ -73,3 +86,26 @@ def test_caught_up_transactional_groups_show_no_lag(stack: Stack) -> None:
     for stage in ("ingester", "processor"):
         expr = f'sum(pipeline_group_lag_records{{group="{group_id(stage)}"}})'
         eventually(lambda e=expr: total(stack, e) == 0, 120, f"{group_id(stage)} caught up, 0 records behind")
+
+
+def test_every_dashboard_panel_answers_with_live_data(stack: Stack) -> None:
+    """Each panel's every query, as Grafana would send it (variables at "All", and each stage
+    for the drill-down), returns samples from the live Prometheus after some traffic, dead
+    letters included."""
+    valid = [raw_event(event_id=str(uuid.uuid4())) for _ in range(100)]
+    invalid = [raw_event(event_id=str(uuid.uuid4()), timestamp="not a time") for _ in range(10)]
+    produce_all(stack, valid + invalid)
+    queries = panel_queries(OVERVIEW, ALL) + [
+        query for stage in STAGES for query in panel_queries(STAGE, {"stage": stage, "instance": ".*"})
+    ]
+    assert len(queries) > 40
+    missing: list[tuple[str, str, str]] = []
+
+    def all_answer() -> bool:
+        missing[:] = [q for q in queries if not stack.prometheus.query(q[2])]
+        return not missing
+
+    try:
+        eventually(all_answer, 120, "every panel's query answered")
+    except AssertionError:
+        raise AssertionError("panels without data:\n" + "\n".join(map(str, missing))) from None
