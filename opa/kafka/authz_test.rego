@@ -20,6 +20,8 @@ bootstrap := "spiffe://pipeline.local/admin/bootstrap"
 
 broker := "spiffe://pipeline.local/broker/kafka"
 
+lag_exporter := "spiffe://pipeline.local/ops/lag-exporter"
+
 # The input the plugin sends, shaped as in opa-authorizer 1.5.1.
 request(principal_type, name, resource_type, resource_name, pattern_type, op) := {
 	"requestContext": {
@@ -276,6 +278,30 @@ test_operator_denied if {
 		["GROUP", "pipeline-ingester", "DELETE"],
 		["CLUSTER", "kafka-cluster", "ALTER_CONFIGS"],
 		["CLUSTER", "kafka-cluster", "CREATE"],
+		["TRANSACTIONAL_ID", "pipeline-ingester-0", "WRITE"],
+	])
+}
+
+# --- lag exporter: reads offsets and one record per lagging partition ------
+
+test_lag_exporter_allowed if {
+	allowed_all(lag_exporter, [
+		["TOPIC", "pipeline.raw.web", "READ"],
+		["TOPIC", "pipeline.processed", "READ"],
+		["TOPIC", "pipeline.processed", "DESCRIBE"],
+		["GROUP", "pipeline-ingester", "DESCRIBE"],
+		["GROUP", "pipeline-storage-lake", "DESCRIBE"],
+	])
+}
+
+test_lag_exporter_denied if {
+	denied_all(lag_exporter, [
+		["TOPIC", "pipeline.raw.web", "WRITE"],
+		["TOPIC", "pipeline.dlq", "WRITE"],
+		["TOPIC", "other.topic", "READ"],
+		["GROUP", "pipeline-ingester", "READ"], # never joins or commits for a service's group
+		["GROUP", "pipectl-status", "DESCRIBE"],
+		["CLUSTER", "kafka-cluster", "IDEMPOTENT_WRITE"],
 		["TRANSACTIONAL_ID", "pipeline-ingester-0", "WRITE"],
 	])
 }
