@@ -5,6 +5,12 @@ go through each step of Ingester.transform on their own, then through the whole 
 with in-memory stand-ins for OPA and the dedup table, and the CPU time (process_time, so a
 busy machine perturbs it little) of each is printed as µs per event. `--gc` compares the
 garbage collector's settings over many batches. A benchmark, not a test: nothing asserts.
+
+Tracing is set up as in the service, with `--sample-ratio` (default the service's) and
+an exporter that encodes each batch of spans as OTLP/HTTP would (in the SDK's export
+thread, whose CPU process_time counts) and sends it nowhere. `--traceparent` chooses what
+the raw records carry: nothing (as pipectl and most sources send), an unsampled or a
+sampled parent.
 """
 
 from __future__ import annotations
@@ -14,20 +20,23 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import TIMESTAMP_CREATE_TIME
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from scripts.benchlib import cpu_us_per_event
 from services.cli.generate import SOURCE_EVENT_TYPES, generate_events
+from services.common import tracing
 from services.common.avro import SchemaStore, micros
 from services.common.dependencies import DependencyWaiter
-from services.common.kafka import headers_of
 from services.common.topology import raw_topic
-from services.common.tracing import TRACEPARENT, continue_trace
+from services.common.tracing import TRACEPARENT
 from services.ingester.dedup import Position, Seen
 from services.ingester.fastpath import accept_fast, check
 from services.ingester.service import Admitted, Ingester, IngesterSettings
@@ -40,7 +49,11 @@ SETTINGS: dict[str, Any] = {
     "opa_url": "https://opa.invalid",
     "pg_dsn": "postgresql://unused",
 }
-TRACEPARENT_VALUE = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TRACEPARENTS: dict[str, bytes | None] = {
+    "none": None,
+    "unsampled": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    "sampled": b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+}
 
 
 class Message:
@@ -48,10 +61,12 @@ class Message:
 
     __slots__ = ("_headers", "_offset", "_timestamp", "_topic", "_value")
 
-    def __init__(self, topic: str, offset: int, value: bytes, timestamp_ms: int) -> None:
+    def __init__(
+        self, topic: str, offset: int, value: bytes, timestamp_ms: int, traceparent: bytes | None
+    ) -> None:
         self._topic, self._offset, self._value = topic, offset, value
         self._timestamp = (TIMESTAMP_CREATE_TIME, timestamp_ms)
-        self._headers = [(TRACEPARENT, TRACEPARENT_VALUE)]
+        self._headers = [(TRACEPARENT, traceparent)] if traceparent else None
 
     def topic(self) -> str:
         return self._topic
@@ -68,7 +83,7 @@ class Message:
     def value(self) -> bytes:
         return self._value
 
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> list[tuple[str, bytes]] | None:
         return self._headers
 
     def timestamp(self) -> tuple[int, int]:
@@ -105,11 +120,23 @@ class FirstSeen:
         pass
 
 
-def messages(n: int, seed: int = 1) -> list[Message]:
+class EncodeOnly(SpanExporter):
+    """Encodes spans as the OTLP/HTTP exporter would, and sends them nowhere."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        encode_spans(spans).SerializeToString()
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def messages(n: int, seed: int = 1, traceparent: bytes | None = None) -> list[Message]:
     start = datetime.now(UTC)
     produced_ms = int(start.timestamp() * 1000)
     return [
-        Message(raw_topic(e.source), i, e.value, produced_ms)
+        Message(raw_topic(e.source), i, e.value, produced_ms, traceparent)
         for i, e in enumerate(generate_events(n, seed=seed, start=start))
     ]
 
@@ -125,8 +152,8 @@ def make_ingester() -> Ingester:
     return ingester
 
 
-def steps(n: int, repeat: int) -> None:
-    batch = messages(n)
+def steps(n: int, repeat: int, traceparent: bytes | None) -> None:
+    batch = messages(n, traceparent=traceparent)
     ingester = make_ingester()
     now = datetime.now(UTC)
     limits = ingester.limits
@@ -145,11 +172,20 @@ def steps(n: int, repeat: int) -> None:
         ("check (valid events)", lambda: [check(v, limits, now) for v in valid_values], len(valid_values)),
         ("_validated (record)", lambda: [ingester._validated(a, now_us) for a in admitted], len(admitted)),
         ("encode_batch", lambda: ingester.validated.encode_batch(records), len(records)),
-        ("continue_trace", lambda: [continue_trace(headers_of(a.message)) for a in admitted], len(admitted)),
+        ("trace (continue, end)", lambda: trace_batch(ingester.tracer, admitted), len(admitted)),
         ("transform (all events)", lambda: asyncio.run(transform_fresh(ingester, batch)), n),
     ]
     for name, work, count in rows:
         print(f"  {name:<26} {cpu_us_per_event(work, count, repeat):8.2f}")
+
+
+def trace_batch(tracer: tracing.StageTracer, admitted: list[Admitted]) -> None:
+    """What the transform does for tracing, in batches of 2000: each record's trace
+    continued for its output, then the batch ended."""
+    for i in range(0, len(admitted), 2000):
+        with tracer.batch(a.message for a in admitted[i : i + 2000]) as trace:  # type: ignore[misc]
+            for a in admitted[i : i + 2000]:
+                trace.headers(a.message)  # type: ignore[arg-type]
 
 
 async def transform_fresh(ingester: Ingester, batch: list[Message], size: int = 2000) -> None:
@@ -193,11 +229,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--gc", action="store_true", help="compare gc settings instead of the steps")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sample-ratio", type=float, default=tracing.DEFAULT_SAMPLE_RATIO)
+    parser.add_argument("--traceparent", choices=sorted(TRACEPARENTS), default="none")
     args = parser.parse_args()
+    exporter = EncodeOnly()
+    tracing.setup("ingester", args.sample_ratio, exporter)
     if args.gc:
         gc_comparison(args.events, args.rounds)
     else:
-        steps(args.events, args.repeat)
+        steps(args.events, args.repeat, TRACEPARENTS[args.traceparent])
+    tracing.shutdown()
+    print(
+        f"(sample ratio {args.sample_ratio}, traceparent {args.traceparent}: {exporter.spans} spans exported)"
+    )
 
 
 if __name__ == "__main__":

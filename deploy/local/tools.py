@@ -65,3 +65,16 @@ def spire(program: str) -> str:
     if not path.is_file():
         raise StackError(f"SPIRE {SPIRE_VERSION} ({program}) not found at {path}: run `make deps`")
     return str(path)
+
+
+JAEGER_VERSION = (
+    "v1.76.0"  # the module's version: its cmd/jaeger is Jaeger v2; keep in step with the Makefile
+)
+
+
+def jaeger() -> str:
+    """Jaeger v2 (the trace backend), built by `make deps` from deploy/local/jaeger/go.mod."""
+    path = CACHE / f"jaeger-{JAEGER_VERSION}" / "bin" / "jaeger"
+    if not path.is_file():
+        raise StackError(f"Jaeger {JAEGER_VERSION} not found at {path}: run `make jaeger`")
+    return str(path)

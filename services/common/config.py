@@ -105,6 +105,18 @@ class StageSettings(KafkaSettings):
     log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error)$")
     # Secrets are SecretStr: never echoed in a settings error, a log line or a repr.
     pg_dsn: SecretStr = Field(description="PostgreSQL connection URL (postgresql://...)")
+    # Traces (services/common/tracing.py): a producer's sampled flag is kept; of the traces a
+    # stage starts, this share is sampled. Low by default: a sampled record costs a span.
+    trace_sample_ratio: float = Field(0.01, ge=0, le=1, description="share of new traces sampled")
+    # Where spans go over OTLP/HTTP, under the variables every OpenTelemetry SDK reads (the
+    # exporter reads them itself; checked here so a bad one stops the service at start).
+    # Neither set: spans are exported nowhere.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"), pattern=r"^https?://"
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), pattern=r"^https?://"
+    )
 
     @field_validator("pg_dsn")
     @classmethod

@@ -14,7 +14,7 @@ from services.common.avro import AvroSerde, SchemaStore
 from services.common.kafka import headers_of
 from services.common.stage import OutputRecord
 from services.common.topology import DEAD_LETTER, DLQ, LARGE_RECORD_BYTES
-from services.common.tracing import TRACEPARENT, continue_trace
+from services.common.tracing import BatchTrace, StageTracer
 
 # The envelope holds the original bytes already; an unbounded message (e.g. an exception
 # text embedding a whole payload) would make it larger still, past the topic's size limit.
@@ -117,12 +117,25 @@ class DeadLetters:
     def __init__(self, store: SchemaStore, stage: str):
         self.serde = AvroSerde(store, DEAD_LETTER)
         self.stage = stage
+        self.tracer = StageTracer(stage)
 
     def record(
-        self, message: Message, error_class: ErrorClass, reason: str, details: Sequence[FieldError] = ()
+        self,
+        message: Message,
+        error_class: ErrorClass,
+        reason: str,
+        details: Sequence[FieldError] = (),
+        trace: BatchTrace | None = None,
     ) -> OutputRecord:
+        """The dead letter continues the record's trace: its envelope names the trace, its
+        headers carry the context of the record's span in `trace` (its batch's), which is
+        marked failed. Without a batch, as for a record a stage's isolation found
+        (TransactionalStage's poison), the record gets a trace of its own, a batch of one."""
+        if trace is None:
+            with self.tracer.batch([message]) as own:
+                return self.record(message, error_class, reason, details, own)
+        trace.failed(message, ErrorClass(error_class).value, reason)
         headers = headers_of(message)
-        trace_id, traceparent = continue_trace(headers)
         envelope = dead_letter(
             topic=message.topic() or "",
             partition=message.partition(),
@@ -134,9 +147,9 @@ class DeadLetters:
             error_class=error_class,
             message=reason,
             details=details,
-            trace_id=trace_id,
+            trace_id=trace.trace_id(message),
         )
-        return OutputRecord(DLQ, message.key(), self.serde.encode(envelope), [(TRACEPARENT, traceparent)])
+        return OutputRecord(DLQ, message.key(), self.serde.encode(envelope), trace.headers(message))
 
     def poison(self, message: Message, reason: str) -> OutputRecord:
         """For a record that made a stage fail in a way no rule foresaw."""

@@ -15,6 +15,7 @@ from typing import Generic, Protocol, TypeVar
 from confluent_kafka import KafkaException, Message
 from pydantic import ValidationError
 
+from services.common import tracing
 from services.common.avro import SchemaStore
 from services.common.config import StageSettings, describe_settings_error
 from services.common.dependencies import DependencyWaiter
@@ -181,6 +182,8 @@ def service_main(
     async def main_async() -> None:
         settings = settings_type()
         setup_logging(name, settings.log_level)
+        otlp = settings.otel_exporter_otlp_endpoint or settings.otel_exporter_otlp_traces_endpoint
+        tracing.setup(name, settings.trace_sample_ratio, tracing.otlp_exporter() if otlp else None)
         runtime = Runtime(settings, SchemaStore.load(), settings.identity_source(), stop_on_signals())
         export_svid_expiry(runtime.identity)
         loops, close = await build(runtime)
@@ -204,6 +207,7 @@ def service_main(
             await close()
             await health.close()
             runtime.identity.close()
+            tracing.shutdown()  # the spans still queued for export
 
     run_main(name, main_async)
 

@@ -51,6 +51,16 @@ class BatchOutcome:
     filtered: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
 
+    def counts(self) -> dict[str, int]:
+        """Where the batch's records went, in numbers (its trace's batch span shows them)."""
+        dead_letters = sum(self.dead_letters.values())
+        return {
+            "outputs": len(self.records) - dead_letters,
+            "dead_letters": dead_letters,
+            "filtered": sum(self.filtered.values()),
+            "duplicates": self.duplicates,
+        }
+
     def merge(self, other: BatchOutcome) -> BatchOutcome:
         self.records.extend(other.records)
         self.dead_letters.update(other.dead_letters)

@@ -21,7 +21,6 @@ from services.common.avro import AvroSerde, SchemaStore, micros
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass, FieldError
-from services.common.kafka import headers_of
 from services.common.opa import OpaClient
 from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
@@ -33,7 +32,7 @@ from services.common.topology import (
     VALIDATED_EVENT,
     source_of,
 )
-from services.common.tracing import TRACEPARENT, continue_trace
+from services.common.tracing import BatchTrace, StageTracer
 from services.ingester.dedup import Dedup, Seen
 from services.ingester.fastpath import Valid, check
 from services.ingester.validation import (
@@ -102,11 +101,18 @@ class Ingester:
         self.validated = AvroSerde(store, VALIDATED_EVENT, timestamps_as_micros=True)
         self.version = store.latest(VALIDATED_EVENT).version
         self.dead_letters = DeadLetters(store, INGESTER)
+        self.tracer = StageTracer(INGESTER)
         self.opa = opa
         self.dedup = Dedup(settings.pg_dsn.get_secret_value(), timedelta(hours=settings.dedup_window_hours))
         self.expired_at = time.monotonic()
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:
+        with self.tracer.batch(batch) as trace:
+            outcome = await self._transform(batch, trace)
+            trace.count(outcome.counts())
+            return outcome
+
+    async def _transform(self, batch: list[Message], trace: BatchTrace) -> BatchOutcome:
         outcome = BatchOutcome()
         events: list[Admitted] = []
         now = datetime.now(UTC)
@@ -115,17 +121,19 @@ class Ingester:
             source = _source_of(message.topic() or "")
             checked = check(message.value(), self.limits, now)
             if isinstance(checked, Rejection):
-                self._dead_letter(outcome, message, checked.error_class, checked.message, checked.details)
+                self._dead_letter(
+                    outcome, trace, message, checked.error_class, checked.message, checked.details
+                )
             elif source is None:
                 reason = f"{message.topic()} is no source's raw topic (pipeline.raw.<source>)"
-                self._dead_letter(outcome, message, ErrorClass.POLICY_DENIED, reason)
+                self._dead_letter(outcome, trace, message, ErrorClass.POLICY_DENIED, reason)
             elif checked.source is not None and checked.source != source:
                 reason = (
                     f'the event claims source "{checked.source}" but was written to '
                     f'{message.topic()} by source "{source}"'
                 )
                 self._dead_letter(
-                    outcome, message, ErrorClass.POLICY_DENIED, reason, (FieldError("source", reason),)
+                    outcome, trace, message, ErrorClass.POLICY_DENIED, reason, (FieldError("source", reason),)
                 )
             else:
                 events.append(Admitted(message, checked, source))
@@ -145,6 +153,7 @@ class Ingester:
                 reason = str(decision.get("reason") or "denied by policy")
                 self._dead_letter(
                     outcome,
+                    trace,
                     admitted.message,
                     ErrorClass.POLICY_DENIED,
                     reason,
@@ -161,7 +170,7 @@ class Ingester:
                 encoded.append((admitted, value))
             else:
                 reason = f"as a validated record it would be {len(value)} bytes, the limit is {limit}"
-                self._dead_letter(outcome, admitted.message, ErrorClass.OVERSIZED, reason)
+                self._dead_letter(outcome, trace, admitted.message, ErrorClass.OVERSIZED, reason)
 
         if time.monotonic() - self.expired_at > EXPIRE_EVERY_S:
             await self.waiter.call("postgres", self.dedup.expire)
@@ -175,10 +184,12 @@ class Ingester:
         for (admitted, value), how in zip(encoded, seen, strict=True):
             if how is Seen.DUPLICATE:
                 outcome.duplicates += 1
+                trace.outcome(admitted.message, "duplicate")
                 continue
-            _, traceparent = continue_trace(headers_of(admitted.message))
             outcome.records.append(
-                OutputRecord(VALIDATED, admitted.event.user_id.encode(), value, [(TRACEPARENT, traceparent)])
+                OutputRecord(
+                    VALIDATED, admitted.event.user_id.encode(), value, trace.headers(admitted.message)
+                )
             )
         return outcome
 
@@ -206,12 +217,13 @@ class Ingester:
     def _dead_letter(
         self,
         outcome: BatchOutcome,
+        trace: BatchTrace,
         message: Message,
         error_class: ErrorClass,
         reason: str,
         details: tuple[FieldError, ...] = (),
     ) -> None:
-        outcome.records.append(self.dead_letters.record(message, error_class, reason, details))
+        outcome.records.append(self.dead_letters.record(message, error_class, reason, details, trace))
         outcome.dead_letters[error_class.value] += 1
 
     async def close(self) -> None:

@@ -18,13 +18,12 @@ from services.common.avro import AvroSerde, SchemaStore, SerdeError, micros
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass
-from services.common.kafka import headers_of
 from services.common.opa import OpaClient
 from services.common.policy_input import policy_header
 from services.common.service import stage_main
 from services.common.stage import BatchOutcome, OutputRecord
 from services.common.topology import PROCESS_POLICY, PROCESSED, PROCESSED_EVENT, PROCESSOR, VALIDATED_EVENT
-from services.common.tracing import TRACEPARENT, continue_trace
+from services.common.tracing import BatchTrace, StageTracer
 from services.processor.enrichment import User, UserDirectory
 
 
@@ -48,17 +47,26 @@ class Processor:
         self.processed = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
         self.version = store.latest(PROCESSED_EVENT).version
         self.dead_letters = DeadLetters(store, PROCESSOR)
+        self.tracer = StageTracer(PROCESSOR)
         self.opa = opa
         self.users = UserDirectory(settings.pg_dsn.get_secret_value(), ttl_s=settings.user_cache_ttl_s)
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:
+        with self.tracer.batch(batch) as trace:
+            outcome = await self._transform(batch, trace)
+            trace.count(outcome.counts())
+            return outcome
+
+    async def _transform(self, batch: list[Message], trace: BatchTrace) -> BatchOutcome:
         outcome = BatchOutcome()
         events: list[tuple[Message, dict]] = []
         for message in batch:
             try:
                 events.append((message, self.validated.decode(message.value() or b"")))
             except SerdeError as e:
-                self._dead_letter(outcome, message, ErrorClass.POISON, f"undecodable ValidatedEvent: {e}")
+                self._dead_letter(
+                    outcome, trace, message, ErrorClass.POISON, f"undecodable ValidatedEvent: {e}"
+                )
 
         users = await self.waiter.call(
             "postgres", lambda: self.users.lookup({e["user_id"] for _, e in events})
@@ -69,19 +77,22 @@ class Processor:
         kept: list[tuple[Message, dict]] = []
         for (message, event), decision in zip(events, decisions, strict=True):
             if decision.get("keep") is not True:
-                outcome.filtered[str(decision.get("reason") or "policy")] += 1
+                reason = str(decision.get("reason") or "policy")
+                outcome.filtered[reason] += 1
+                trace.outcome(message, "filtered", reason)
                 continue
             try:
                 kept.append((message, processed_record(event, users[event["user_id"]], self.version, now)))
             except (ValueError, TypeError, KeyError, OverflowError) as e:
-                self._dead_letter(outcome, message, ErrorClass.ENRICHMENT_FAILED, f"{type(e).__name__}: {e}")
+                self._dead_letter(
+                    outcome, trace, message, ErrorClass.ENRICHMENT_FAILED, f"{type(e).__name__}: {e}"
+                )
 
-        for (message, record), value in zip(kept, self._encode(outcome, kept), strict=True):
+        for (message, record), value in zip(kept, self._encode(outcome, trace, kept), strict=True):
             if value is None:
                 continue
-            _, traceparent = continue_trace(headers_of(message))
             # The storage policy's input rides along, so the sinks can ask it without decoding.
-            headers = [(TRACEPARENT, traceparent), policy_header(record)]
+            headers = [*trace.headers(message), policy_header(record)]
             outcome.records.append(OutputRecord(PROCESSED, record["user_id"].encode(), value, headers))
         return outcome
 
@@ -108,7 +119,9 @@ class Processor:
                 decisions[i] = decision
         return decisions
 
-    def _encode(self, outcome: BatchOutcome, kept: list[tuple[Message, dict]]) -> list[bytes | None]:
+    def _encode(
+        self, outcome: BatchOutcome, trace: BatchTrace, kept: list[tuple[Message, dict]]
+    ) -> list[bytes | None]:
         try:
             return list(self.processed.encode_batch([record for _, record in kept]))
         except (ValueError, TypeError, OverflowError):
@@ -119,15 +132,15 @@ class Processor:
                     values.append(self.processed.encode(record))
                 except (ValueError, TypeError, OverflowError) as e:
                     self._dead_letter(
-                        outcome, message, ErrorClass.POISON, f"cannot encode ProcessedEvent: {e}"
+                        outcome, trace, message, ErrorClass.POISON, f"cannot encode ProcessedEvent: {e}"
                     )
                     values.append(None)
             return values
 
     def _dead_letter(
-        self, outcome: BatchOutcome, message: Message, error_class: ErrorClass, reason: str
+        self, outcome: BatchOutcome, trace: BatchTrace, message: Message, error_class: ErrorClass, reason: str
     ) -> None:
-        outcome.records.append(self.dead_letters.record(message, error_class, reason))
+        outcome.records.append(self.dead_letters.record(message, error_class, reason, trace=trace))
         outcome.dead_letters[error_class.value] += 1
 
     async def close(self) -> None:

@@ -16,12 +16,11 @@ from confluent_kafka import Message
 from services.common.avro import AvroSerde, SchemaStore, SerdeError
 from services.common.dependencies import DependencyWaiter
 from services.common.dlq import DeadLetters, ErrorClass
-from services.common.kafka import headers_of
 from services.common.opa import OpaClient
 from services.common.policy_input import PolicyCase, case_from_headers, case_of
 from services.common.stage import BatchOutcome, OutputRecord
 from services.common.topology import ANALYTICS, PROCESSED_EVENT, sink_stage
-from services.common.tracing import TRACEPARENT, continue_trace
+from services.common.tracing import BatchTrace, StageTracer
 from services.storage.policy import storage_decisions
 
 SINK = "analytics"
@@ -32,6 +31,7 @@ class AnalyticsForwarder:
         # Decoding is only for records without the policy header; their timestamps are not used.
         self.serde = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
         self.dead_letters = DeadLetters(store, sink_stage(SINK))
+        self.tracer = StageTracer(sink_stage(SINK))
         self.opa, self.waiter = opa, waiter
 
     def checked(self, message: Message) -> PolicyCase:
@@ -44,6 +44,12 @@ class AnalyticsForwarder:
         return case
 
     async def transform(self, batch: list[Message]) -> BatchOutcome:
+        with self.tracer.batch(batch) as trace:
+            outcome = await self._transform(batch, trace)
+            trace.count(outcome.counts())
+            return outcome
+
+    async def _transform(self, batch: list[Message], trace: BatchTrace) -> BatchOutcome:
         outcome = BatchOutcome()
         events: list[tuple[Message, PolicyCase]] = []
         for message in batch:
@@ -51,17 +57,17 @@ class AnalyticsForwarder:
                 events.append((message, self.checked(message)))
             except SerdeError as e:
                 outcome.records.append(
-                    self.dead_letters.record(message, ErrorClass.POISON, f"undecodable: {e}")
+                    self.dead_letters.record(message, ErrorClass.POISON, f"undecodable: {e}", trace=trace)
                 )
                 outcome.dead_letters[ErrorClass.POISON.value] += 1
         decisions = await self.waiter.call("opa", lambda: storage_decisions(self.opa, [c for _, c in events]))
         for (message, _), decision in zip(events, decisions, strict=True):
             if SINK not in decision.get("sinks", ()):
                 outcome.filtered["policy"] += 1
+                trace.outcome(message, "filtered", "policy")
                 continue
-            _, traceparent = continue_trace(headers_of(message))
             outcome.records.append(
-                OutputRecord(ANALYTICS, message.key(), message.value(), [(TRACEPARENT, traceparent)])
+                OutputRecord(ANALYTICS, message.key(), message.value(), trace.headers(message))
             )
         return outcome
 

@@ -31,6 +31,7 @@ from services.common.dlq import DeadLetters, ErrorClass
 from services.common.kafka import KafkaClients, consumer_kept_alive, usable
 from services.common.opa import OpaClient
 from services.common.topology import PROCESSED, PROCESSED_EVENT, group_id, instance_id, sink_stage
+from services.common.tracing import BatchTrace, StageTracer
 from services.storage.policy import policy_case, storage_decisions
 from services.storage.sinks.base import Refused, Sink, StoredEvent, Write
 
@@ -43,6 +44,8 @@ class Buffer:
     poison: list[tuple[Message, str]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     since: float = 0.0
+    # Begun with the first record: a sampled record's span covers its wait in the buffer too.
+    trace: BatchTrace | None = None
 
     def __len__(self) -> int:
         return len(self.events) + len(self.poison)
@@ -73,6 +76,7 @@ class SinkLoop:
         metrics.zero_series(self.stage, sink.name)
         self.serde = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
         self.dead_letters = DeadLetters(store, self.stage)
+        self.tracer = StageTracer(self.stage)
         self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
         self.batch_size, self.batch_timeout_s = batch_size, batch_timeout_s
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
@@ -120,6 +124,9 @@ class SinkLoop:
     def _add(self, buffer: Buffer, message: Message) -> None:
         if not len(buffer):
             buffer.since = time.monotonic()
+        if buffer.trace is None:
+            buffer.trace = self.tracer.batch()
+        buffer.trace.add(message)
         buffer.offsets[(message.topic(), message.partition())] = message.offset() + 1
         try:
             buffer.events.append(StoredEvent(message, self.serde.decode(message.value() or b"")))
@@ -130,15 +137,29 @@ class SinkLoop:
         return len(buffer) >= self.flush_records or time.monotonic() - buffer.since >= self.flush_seconds
 
     async def _flush(self, buffer: Buffer) -> Buffer:
+        """Writes the buffer; the end of its records' traces."""
         started = time.monotonic()
-        allowed = await self.waiter.call("opa", lambda: self._allowed(buffer.events))
-        refused = await self._write(allowed) if allowed else []
-        failures = [self.dead_letters.record(m, ErrorClass.POISON, reason) for m, reason in buffer.poison] + [
-            self.dead_letters.record(e.message, ErrorClass.SINK_FAILED, reason) for e, reason in refused
-        ]
-        if failures:
-            await asyncio.to_thread(self._send_dead_letters, failures)
-        committed = await asyncio.to_thread(self._commit, buffer.offsets)
+        with buffer.trace or self.tracer.batch() as trace:
+            allowed = await self.waiter.call("opa", lambda: self._allowed(buffer.events, trace))
+            refused = await self._write(allowed) if allowed else []
+            failures = [
+                self.dead_letters.record(m, ErrorClass.POISON, reason, trace=trace)
+                for m, reason in buffer.poison
+            ] + [
+                self.dead_letters.record(e.message, ErrorClass.SINK_FAILED, reason, trace=trace)
+                for e, reason in refused
+            ]
+            if failures:
+                await asyncio.to_thread(self._send_dead_letters, failures)
+            committed = await asyncio.to_thread(self._commit, buffer.offsets)
+            trace.count(
+                {
+                    "stored": len(allowed) - len(refused),
+                    "dead_letters": len(failures),
+                    "filtered": len(buffer.events) - len(allowed),
+                    "committed": committed,
+                }
+            )
         if committed:
             self._count(buffer, allowed, refused, time.monotonic() - started)
         return Buffer()
@@ -159,7 +180,7 @@ class SinkLoop:
         metrics.SINK_WRITE_SECONDS.labels(self.sink.name).observe(time.monotonic() - started)
         return refused
 
-    async def _allowed(self, events: list[StoredEvent]) -> list[StoredEvent]:
+    async def _allowed(self, events: list[StoredEvent], trace: BatchTrace) -> list[StoredEvent]:
         """Ask the storage policy (once per distinct case) which events this sink may get,
         and which of their properties it must not see."""
         decisions = await storage_decisions(self.opa, [policy_case(e.message, e.record) for e in events])
@@ -168,6 +189,8 @@ class SinkLoop:
             if self.sink.name in decision.get("sinks", ()):
                 event.redact_for_search = tuple(decision.get("redact_for_search", ()))
                 allowed.append(event)
+            else:
+                trace.outcome(event.message, "filtered", "policy")
         return allowed
 
     def _send_dead_letters(self, failures: list) -> None:
@@ -204,6 +227,10 @@ class SinkLoop:
         if not self._revoked:
             return
         gone = self._revoked
+        if buffer.trace is not None:
+            for message in [e.message for e in buffer.events] + [m for m, _ in buffer.poison]:
+                if (message.topic(), message.partition()) in gone:
+                    buffer.trace.outcome(message, "revoked", "read again by the partition's next owner")
         buffer.events = [e for e in buffer.events if (e.message.topic(), e.message.partition()) not in gone]
         buffer.poison = [(m, r) for m, r in buffer.poison if (m.topic(), m.partition()) not in gone]
         buffer.offsets = {tp: o for tp, o in buffer.offsets.items() if tp not in gone}

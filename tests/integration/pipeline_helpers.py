@@ -35,10 +35,12 @@ def produce_all(
     records: Iterable[tuple[bytes | None, bytes]],
     identity: str = "source-web",
     topic: str | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> int:
     """Produce and wait for every delivery; fails the test on any delivery error.
 
-    To the identity's own raw topic (source-web: pipeline.raw.web) unless `topic` is given.
+    To the identity's own raw topic (source-web: pipeline.raw.web) unless `topic` is given;
+    each record with `headers`, if given.
     """
     if topic is None:
         assert identity.startswith("source-"), f"{identity} has no raw topic of its own: give topic="
@@ -53,7 +55,9 @@ def produce_all(
     for key, value in records:
         while True:
             try:
-                producer.produce(topic, value, key, on_delivery=lambda e, _m: e and errors.append(str(e)))
+                producer.produce(
+                    topic, value, key, headers=headers, on_delivery=lambda e, _m: e and errors.append(str(e))
+                )
                 break
             except BufferError:
                 producer.poll(0.1)
