@@ -55,6 +55,7 @@ from deploy.local.spire_stack import (
     load_entries,
     unix_users,
 )
+from deploy.local.trace_backend import TraceBackend
 from services.common.identity import WorkloadApiIdentity, X509Identity, checked_identity, spiffe_id_of
 from services.common.kafka import client_config
 from services.common.topology import TopicSpec, all_topics, configured_sources, instance_name
@@ -88,6 +89,8 @@ DEFAULT_PORTS = {
     "kafka-metrics": 18086,  # the broker's JMX exporter agent
     "postgres-exporter": 18087,
     "prometheus": 19090,
+    "jaeger-otlp": 14318,  # Jaeger's OTLP/HTTP receiver (the services' OTEL_EXPORTER_OTLP_ENDPOINT)
+    "jaeger": 16686,  # its query API
 }
 # The pipeline's services, in start order, with the identity each runs as.
 SERVICES = {"ingester": "service-ingester", "processor": "service-processor", "storage": "service-storage"}
@@ -241,6 +244,7 @@ class Stack:
         self.lag_exporter = PipelineService(self.root, "lag-exporter", p["lag-exporter"], "lag_exporter")
         self.postgres_exporter = PostgresExporter(self.root, p["postgres-exporter"])
         self.prometheus = PrometheusServer(self.root, p["prometheus"])
+        self.trace_backend = TraceBackend(self.root, p["jaeger-otlp"], p["jaeger"])
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -298,6 +302,7 @@ class Stack:
         self._ensure(self.search.process, self.search.healthy, self.search.start, log)
         if self.apply_source_quotas():
             log(f"kafka: source quotas set to {self.source_byte_rate} bytes/s each")
+        self._ensure(self.trace_backend.process, self.trace_backend.healthy, self.trace_backend.start, log)
         self.record_instances()
         self.write_env()
         for name, service in self.instances.items():
@@ -336,6 +341,7 @@ class Stack:
         processes = [*self._surplus_instances(), *(s.process for s in reversed(self.instances.values()))]
         servers = [
             self.prometheus.process,
+            self.trace_backend.process,
             self.lag_exporter.process,
             self.postgres_exporter.process,
             self.search.process,
@@ -367,6 +373,7 @@ class Stack:
             # Elasticsearch credentials: storage's search sink writes as the writer; no other
             # service talks to Elasticsearch, so none gets any.
             **(self.search_credentials(WRITER_USER) if instance.service == "storage" else {}),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.trace_backend.otlp_endpoint,
             **self.service_env,
             "PIPELINE_IDENTITY": SERVICES[instance.service],
         }
@@ -679,6 +686,7 @@ class Stack:
             "PIPELINE_ES_CA": str(self.search.ca_file),
             **self.search_credentials(READER_USER),
             "PIPELINE_PROMETHEUS_URL": self.prometheus.url,
+            "PIPELINE_TRACES_URL": self.trace_backend.url,
         }
 
     def env_for(self, service: str) -> dict[str, str]:
@@ -745,6 +753,7 @@ class Stack:
                 self.postgres_exporter.url,
             ),
             ("prometheus", self.prometheus.process, self.prometheus.healthy, self.prometheus.url),
+            ("jaeger", self.trace_backend.process, self.trace_backend.healthy, self.trace_backend.url),
         ):
             pid = process.pid
             state = "stopped" if pid is None else ("healthy" if healthy() else "unhealthy")
@@ -804,6 +813,7 @@ def print_summary(stack: Stack) -> None:
     print(f"identities: SPIRE Workload API at {stack.spire_agent.endpoint} (entries: {ENTRIES_FILE})")
     print(f"metrics:    Prometheus at {stack.prometheus.url} (alerts: {stack.prometheus.url}/alerts)")
     print(f"lag view:   {stack.prometheus.lag_view}")
+    print(f"traces:     Jaeger's API at {stack.trace_backend.url}/api/v3/traces/<trace id>")
 
 
 if __name__ == "__main__":
