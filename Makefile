@@ -27,6 +27,9 @@ PROMETHEUS_DIR := $(PIPELINE_CACHE)/prometheus
 # github.com/jaegertracing/jaeger, pinned as a tool by the wrapper module deploy/local/jaeger.
 JAEGER_VERSION := v1.76.0
 JAEGER_BIN := $(PIPELINE_CACHE)/jaeger-$(JAEGER_VERSION)/bin
+# The lag view's charting library (uPlot, pinned in deploy/local/console/package-lock.json):
+# Prometheus serves deploy/local/console/, node_modules/ included, at /user/.
+CONSOLE_MODULES := deploy/local/console/node_modules/.package-lock.json
 export PIPELINE_CACHE
 
 .PHONY: help deps system-deps up down clean status test test-unit test-opa test-java test-integration lint bench spire jaeger
@@ -40,7 +43,7 @@ help:
 
 # Everything the stack and the tests need, installed once and reused afterwards.
 deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN) $(ES_UNPACKED) $(S3_LIB) $(SPIRE_BIN)/spire-server \
-	$(PROMETHEUS_DIR)/.unpacked $(JAEGER_BIN)/jaeger
+	$(PROMETHEUS_DIR)/.unpacked $(JAEGER_BIN)/jaeger $(CONSOLE_MODULES)
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -99,6 +102,12 @@ $(JAEGER_BIN)/jaeger: deploy/local/jaeger/go.mod deploy/local/jaeger/go.sum
 	@touch $@
 
 jaeger: $(JAEGER_BIN)/jaeger
+
+# Again when the lock file changes: npm ci writes node_modules/.package-lock.json at each
+# install (touched all the same, like the other stamps here).
+$(CONSOLE_MODULES): deploy/local/console/package-lock.json
+	cd deploy/local/console && npm ci --no-audit --no-fund
+	@touch $@
 
 up: deps
 	$(PY) -m deploy.local.stack up

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the native stack needs, only those missing: Java 17 and
-# Maven (Kafka, the principal builder), PostgreSQL's server, Go (to build OPA).
+# Maven (Kafka, the principal builder), PostgreSQL's server, Go (to build OPA), npm (the lag
+# view's charting library) and Chromium (the lag view's test opens it headless).
 set -euo pipefail
 
 missing=()
@@ -13,6 +14,8 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   missing+=(postgresql)  # provides the `postgres` OS user that runs the server when we are root
 fi
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
+command -v npm >/dev/null || missing+=(npm)
+command -v chromium >/dev/null || missing+=(chromium)
 
 # As root, the stack runs each service as its own system user (SPIRE tells workloads apart by
 # uid): those users must reach the Python interpreter, which may live under root's private
