@@ -280,6 +280,9 @@ def main() -> None:
                     collector.snapshot = Snapshot([], {})
                     POLLS_FAILED.inc()
                     log.warning("reading the lag failed", extra={"error": str(e)})
+                    # Fresh clients for the next poll: after a broker restart, librdkafka's
+                    # admin client was seen timing out every request until rebuilt.
+                    await asyncio.to_thread(reader.close)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), settings.poll_seconds)
         finally:

@@ -39,6 +39,8 @@ def test_second_up_changes_nothing(stack: Stack) -> None:
     processes += [stack.postgres.process, stack.kafka.process, stack.s3.process, stack.search_svid.process]
     processes.append(stack.search.process)
     processes += [s.process for s in stack.services.values()]
+    processes += [stack.postgres_exporter.process, stack.trace_backend.process]
+    processes += [stack.lag_exporter.process, stack.prometheus.process]
     pids = {p.name: p.pid for p in processes}
     lines: list[str] = []
     stack.up(log=lines.append)
@@ -49,13 +51,17 @@ def test_second_up_changes_nothing(stack: Stack) -> None:
         "opa-svid: already running",
         "opa: already running",
         "postgres: already running",
+        "postgres-exporter: already running",
         "kafka: already running",
         "s3: already running",
         "elasticsearch-svid: already running",
         "elasticsearch: already running",
+        "jaeger: already running",
         "ingester: already running",
         "processor: already running",
         "storage: already running",
+        "lag-exporter: already running",
+        "prometheus: already running",
     ]
 
 
