@@ -23,11 +23,10 @@ import asyncpg
 import boto3
 import httpx
 from botocore.exceptions import ClientError
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
 from deploy.local.search_server import READER_USER, USERS, WRITER_USER
-from deploy.local.stack import LAKE_BUCKET, PG_LOGINS
+from deploy.local.stack import LAKE_BUCKET, PG_LOGINS, create_missing_topics
 from services.common.config import KafkaSettings
 from services.common.topology import all_topics
 from services.storage.migrate import apply_migrations
@@ -78,24 +77,7 @@ async def prepare_database() -> list[str]:
 
 def create_topics() -> list[str]:
     settings = KafkaSettings()  # PIPELINE_IDENTITY=admin-bootstrap, SPIFFE_ENDPOINT_SOCKET
-    admin = AdminClient(settings.kafka_clients().config())
-    existing = set(admin.list_topics(timeout=10).topics)
-    wanted = [t for t in all_topics() if t.name not in existing]
-    if not wanted:
-        return []
-    # Replication -1: the broker's default (deploy/local/kafka/server.properties), as natively.
-    futures = admin.create_topics(
-        [NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config) for t in wanted],
-        operation_timeout=30,
-        request_timeout=30,
-    )
-    for name, future in futures.items():
-        try:
-            future.result()
-        except KafkaException as e:
-            if "TOPIC_ALREADY_EXISTS" not in str(e):
-                raise RuntimeError(f"creating topic {name}: {e}") from e
-    return [t.name for t in wanted]
+    return create_missing_topics(AdminClient(settings.kafka_clients().config()), all_topics())
 
 
 def ensure_bucket() -> bool:

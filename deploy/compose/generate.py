@@ -19,7 +19,7 @@ import string
 import sys
 from pathlib import Path
 
-from deploy.local.spire_stack import ENTRIES_FILE, TRUST_DOMAIN
+from deploy.local.spire_stack import TRUST_DOMAIN, entries_elsewhere
 from deploy.local.stack import BROKER_ID, DEFAULT_AUTHZ_CACHE_SECONDS
 from services.common.topology import BROKER_AUTHZ_POLICY
 
@@ -89,24 +89,16 @@ def workload(spiffe_id: str) -> str:
 
 
 def entries() -> dict:
-    native = json.loads(ENTRIES_FILE.read_text())["entries"]
-    out = []
-    for spiffe_id in sorted(native):
-        path = spiffe_id.removeprefix(f"spiffe://{TRUST_DOMAIN}/")
-        entry = {
-            "spiffe_id": spiffe_id,
-            "parent_id": AGENT_ID,
-            # Both labels are compose's own: the service's key in compose.yaml and the
-            # project, so every replica of a service, and nothing else, matches.
-            "selectors": [
-                {"type": "docker", "value": f"label:com.docker.compose.project:{PROJECT}"},
-                {"type": "docker", "value": f"label:com.docker.compose.service:{workload(spiffe_id)}"},
-            ],
-        }
-        if path in DNS_NAMES:
-            entry["dns_names"] = DNS_NAMES[path]
-        out.append(entry)
-    return {"entries": out}
+    # Both labels are compose's own: the service's key in compose.yaml and the project, so
+    # every replica of a service, and nothing else, matches.
+    return entries_elsewhere(
+        AGENT_ID,
+        lambda spiffe_id: [
+            {"type": "docker", "value": f"label:com.docker.compose.project:{PROJECT}"},
+            {"type": "docker", "value": f"label:com.docker.compose.service:{workload(spiffe_id)}"},
+        ],
+        DNS_NAMES,
+    )
 
 
 def server_properties() -> str:

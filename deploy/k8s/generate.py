@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.local.spire_stack import ENTRIES_FILE, TRUST_DOMAIN
+from deploy.local.spire_stack import TRUST_DOMAIN, entries_elsewhere
 from services.common.topology import (
     INGESTER,
     PROCESSOR,
@@ -152,22 +152,14 @@ def service_account(spiffe_id: str) -> str:
 
 
 def entries() -> dict:
-    native = json.loads(ENTRIES_FILE.read_text())["entries"]
-    out = []
-    for spiffe_id in sorted(native):
-        path = spiffe_id.removeprefix(f"spiffe://{TRUST_DOMAIN}/")
-        entry = {
-            "spiffe_id": spiffe_id,
-            "parent_id": AGENT_ID,
-            "selectors": [
-                {"type": "k8s", "value": f"ns:{NAMESPACE}"},
-                {"type": "k8s", "value": f"sa:{service_account(spiffe_id)}"},
-            ],
-        }
-        if path in DNS_NAMES:
-            entry["dns_names"] = DNS_NAMES[path]
-        out.append(entry)
-    return {"entries": out}
+    return entries_elsewhere(
+        AGENT_ID,
+        lambda spiffe_id: [
+            {"type": "k8s", "value": f"ns:{NAMESPACE}"},
+            {"type": "k8s", "value": f"sa:{service_account(spiffe_id)}"},
+        ],
+        DNS_NAMES,
+    )
 
 
 # ---- ConfigMaps of repository files -----------------------------------------------------------

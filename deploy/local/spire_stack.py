@@ -27,6 +27,7 @@ import shutil
 import string
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,26 @@ class EntrySpec:
     spiffe_id: str
     selectors: tuple[str, ...]  # "type:value", e.g. "unix:uid:0", sorted
     dns_names: tuple[str, ...] = ()
+
+
+def entries_elsewhere(
+    parent_id: str, selectors: Callable[[str], list[dict[str, str]]], dns_names: dict[str, list[str]]
+) -> dict[str, Any]:
+    """The native registration entries for another deployment (deploy/compose, deploy/k8s):
+    the same SPIFFE IDs, with that deployment's parent, selectors (by SPIFFE ID) and DNS
+    names (by the ID's path), as `spire-server entry create -data` takes them."""
+    out = []
+    for spiffe_id in sorted(json.loads(ENTRIES_FILE.read_text())["entries"]):
+        path = spiffe_id.removeprefix(f"spiffe://{TRUST_DOMAIN}/")
+        entry: dict[str, Any] = {
+            "spiffe_id": spiffe_id,
+            "parent_id": parent_id,
+            "selectors": selectors(spiffe_id),
+        }
+        if path in dns_names:
+            entry["dns_names"] = dns_names[path]
+        out.append(entry)
+    return {"entries": out}
 
 
 def load_entries(path: Path = ENTRIES_FILE, operator_uid: int | None = None) -> dict[str, EntrySpec]:

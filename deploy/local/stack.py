@@ -505,29 +505,7 @@ class Stack:
 
     def create_topics(self, specs: tuple[TopicSpec, ...] | None = None) -> list[str]:
         """Create the missing topics (default: every configured source's raw topic and the rest)."""
-        admin = self.admin()
-        existing = set(admin.list_topics(timeout=10).topics)
-        wanted = [t for t in (specs or all_topics()) if t.name not in existing]
-        if not wanted:
-            return []
-        # Replication is the cluster's (-1: the broker's default.replication.factor; its
-        # min.insync.replicas applies too): 1 on this one-node broker, e.g. 3 (and 2 in sync)
-        # on a cluster, without a change here.
-        futures = admin.create_topics(
-            [
-                NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config)
-                for t in wanted
-            ],
-            operation_timeout=30,
-            request_timeout=30,
-        )
-        for name, future in futures.items():
-            try:
-                future.result()
-            except KafkaException as e:
-                if "TOPIC_ALREADY_EXISTS" not in str(e):
-                    raise StackError(f"creating topic {name} failed: {e}") from e
-        return [t.name for t in wanted]
+        return create_missing_topics(self.admin(), specs or all_topics())
 
     def align_topic_configs(self, specs: tuple[TopicSpec, ...] | None = None) -> list[str]:
         """Bring existing topics' settings in line with their TopicSpec (a newer version may
@@ -759,6 +737,30 @@ class Stack:
             state = "stopped" if pid is None else ("healthy" if healthy() else "unhealthy")
             rows.append((name, state, address, str(process.log_file)))
         return rows
+
+
+def create_missing_topics(admin: AdminClient, specs: tuple[TopicSpec, ...]) -> list[str]:
+    """Create those of `specs` the cluster lacks; returns their names (the native stack and
+    the compose stack's setup container both create topics this way)."""
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [t for t in specs if t.name not in existing]
+    if not wanted:
+        return []
+    # Replication is the cluster's (-1: the broker's default.replication.factor; its
+    # min.insync.replicas applies too): 1 on this one-node broker, e.g. 3 (and 2 in sync)
+    # on a cluster, without a change here.
+    futures = admin.create_topics(
+        [NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config) for t in wanted],
+        operation_timeout=30,
+        request_timeout=30,
+    )
+    for name, future in futures.items():
+        try:
+            future.result()
+        except KafkaException as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise StackError(f"creating topic {name} failed: {e}") from e
+    return [t.name for t in wanted]
 
 
 def svid_ttl_from_env() -> int:
