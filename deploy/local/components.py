@@ -20,7 +20,7 @@ import httpx
 from deploy.local import tools
 from deploy.local.monitoring import jmx_agent_option
 from deploy.local.os_users import as_user, ensure_system_user, own_tree
-from deploy.local.processes import ManagedProcess, StackError, alive, raise_exited, wait_until
+from deploy.local.processes import ManagedProcess, StackError, alive, wait_until
 from services.common.health import supervisor_state_file
 from services.common.identity import IdentityError, X509Identity
 from services.common.topology import BROKER_AUTHZ_POLICY
@@ -119,17 +119,10 @@ class OpaServer:
             ],
             cwd=tools.REPO,
         )
-        wait_until(
-            self._up_or_exited, timeout=START_TIMEOUT, what="OPA answering /health", log=self.process.log_file
-        )
+        self.process.wait_healthy(self.healthy, timeout=START_TIMEOUT, what="OPA answering /health")
         self._delete_removed_modules()
         if load_data:
             self.loaded_data.write_text(data)
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
 
     def _repo_data_digest(self) -> str:
         """SHA-256 over the names and contents of the repository's data files under opa/."""
@@ -231,17 +224,9 @@ class PostgresServer:
             ],
             user=self.os_user,
         )
-        wait_until(
-            self._up_or_exited,
-            timeout=START_TIMEOUT,
-            what="PostgreSQL accepting connections",
-            log=self.process.log_file,
+        self.process.wait_healthy(
+            self.healthy, timeout=START_TIMEOUT, what="PostgreSQL accepting connections"
         )
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
 
     def _os_user(self) -> str | None:
         if os.geteuid() != 0:
@@ -329,17 +314,8 @@ class KafkaBroker:
             env={"SPIFFE_ENDPOINT_SOCKET": spiffe_endpoint},
         )
 
-        def up_or_exited() -> bool:
-            if self.process.exited():
-                raise_exited(self.process)
-            return healthy()
-
-        wait_until(
-            up_or_exited,
-            timeout=START_TIMEOUT,
-            what="Kafka broker serving metadata over mTLS",
-            log=self.process.log_file,
-            interval=1.0,
+        self.process.wait_healthy(
+            healthy, timeout=START_TIMEOUT, what="Kafka broker serving metadata over mTLS", interval=1.0
         )
 
     def run_tool(self, main_class: str, identity: X509Identity, args: list[str]) -> str:
@@ -439,18 +415,8 @@ class PipelineService:
                 env={**env, "PIPELINE_HTTP_PORT": str(self.port), "PIPELINE_INSTANCE_ID": self.instance_id},
                 cwd=tools.REPO,
             )
-        wait_until(
-            self._up_or_exited,
-            timeout=START_TIMEOUT,
-            what=f"{self.name} answering /healthz",
-            log=self.process.log_file,
-        )
-
-    def _up_or_exited(self) -> bool:
         # The supervisor exits only when the service cannot start (bad settings, exit 2).
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
+        self.process.wait_healthy(self.healthy, timeout=START_TIMEOUT, what=f"{self.name} answering /healthz")
 
     def supervisor_state(self) -> dict[str, Any] | None:
         """The supervisor's state file, if the supervisor that wrote it still runs."""

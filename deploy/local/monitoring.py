@@ -23,7 +23,7 @@ import httpx
 
 from deploy.local import tools
 from deploy.local.os_users import as_user, ensure_system_user, own_tree
-from deploy.local.processes import ManagedProcess, StackError, raise_exited, wait_until
+from deploy.local.processes import ManagedProcess, StackError
 
 PROMETHEUS_DIR = tools.CACHE / "prometheus"  # Debian's prometheus + prometheus-postgres-exporter
 RULES_DIR = tools.REPO / "deploy" / "prometheus" / "rules"
@@ -124,14 +124,7 @@ class PrometheusServer:
                 "--web.page-title=pipeline Prometheus",
             ]
         )
-        wait_until(
-            self._up_or_exited, timeout=START_TIMEOUT, what="Prometheus ready", log=self.process.log_file
-        )
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
+        self.process.wait_healthy(self.healthy, timeout=START_TIMEOUT, what="Prometheus ready")
 
     def query(self, expr: str) -> list[dict]:
         """An instant query's result vector (tests, status)."""
@@ -160,14 +153,4 @@ class PostgresExporter:
             ],
             env={"DATA_SOURCE_NAME": dsn},
         )
-        wait_until(
-            self._up_or_exited,
-            timeout=START_TIMEOUT,
-            what="postgres exporter answering",
-            log=self.process.log_file,
-        )
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
+        self.process.wait_healthy(self.healthy, timeout=START_TIMEOUT, what="postgres exporter answering")

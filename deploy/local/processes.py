@@ -109,6 +109,19 @@ class ManagedProcess:
             )
         self.pid_file.write_text(str(self._popen.pid))
 
+    def wait_healthy(
+        self, healthy: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.25
+    ) -> None:
+        """Wait for `healthy()` after a start; a process that exits meanwhile fails at once,
+        naming its log, instead of being waited on until the timeout."""
+
+        def up_or_exited() -> bool:
+            if self.exited():
+                raise_exited(self)
+            return healthy()
+
+        wait_until(up_or_exited, timeout=timeout, what=what, log=self.log_file, interval=interval)
+
     def exited(self) -> bool:
         """True once a process this object started has died (e.g. bad config at start)."""
         return self._popen is not None and self._popen.poll() is not None

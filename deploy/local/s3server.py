@@ -22,8 +22,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from deploy.local import tools
-from deploy.local.components import raise_exited
-from deploy.local.processes import ManagedProcess, StackError, wait_until
+from deploy.local.processes import ManagedProcess, StackError
 
 S3_DIR = tools.LOCAL / "s3"
 LOGBACK = S3_DIR / "logback.xml"
@@ -115,11 +114,8 @@ class S3Server:
                 str(self.config_file),
             ]
         )
-        wait_until(
-            self._up_or_exited,
-            timeout=START_TIMEOUT,
-            what="S3Proxy answering signed S3 requests",
-            log=self.process.log_file,
+        self.process.wait_healthy(
+            self.healthy, timeout=START_TIMEOUT, what="S3Proxy answering signed S3 requests"
         )
 
     def ensure_bucket(self, bucket: str) -> bool:
@@ -138,11 +134,6 @@ class S3Server:
                 return False
             raise StackError(f"creating S3 bucket {bucket} failed: {e}") from e
         return True
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
 
     def _write_config(self) -> None:
         properties = {

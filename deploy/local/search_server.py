@@ -36,7 +36,7 @@ import httpx
 
 from deploy.local import devca, tools
 from deploy.local.os_users import as_user, ensure_system_user
-from deploy.local.processes import ManagedProcess, StackError, raise_exited, wait_until
+from deploy.local.processes import ManagedProcess, StackError
 
 ES_VERSION = "8.19.21"  # keep in step with deploy/local/elasticsearch/pom.xml and the Makefile
 ES_USER = "pipeline-es"
@@ -158,18 +158,12 @@ class SearchServer:
             },
             cwd=self.dir,
         )
-        wait_until(
-            self._up_or_exited,
+        self.process.wait_healthy(
+            self.healthy,
             timeout=START_TIMEOUT,
             what="Elasticsearch cluster health green or yellow",
-            log=self.process.log_file,
             interval=0.5,
         )
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
 
     def _configure(self, user: pwd.struct_passwd | None) -> None:
         for d in (self.dir, self.config_dir, self.data_dir, self.logs_dir, self.tmp_dir):

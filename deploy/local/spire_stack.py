@@ -132,14 +132,7 @@ class SpireServer:
         template = string.Template((CONFIG_TEMPLATES / "server.conf").read_text())
         self.config_file.write_text(template.substitute(values))
         self.process.start([tools.spire("spire-server"), "run", "-config", str(self.config_file)])
-        wait_until(
-            self._up_or_exited, timeout=START_TIMEOUT, what="SPIRE server healthy", log=self.process.log_file
-        )
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
+        self.process.wait_healthy(self.healthy, timeout=START_TIMEOUT, what="SPIRE server healthy")
 
     def _cli(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = [tools.spire("spire-server"), *args, "-socketPath", str(self.socket)]
@@ -266,15 +259,8 @@ class SpireAgent:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         self.process.start([tools.spire("spire-agent"), "run", "-config", str(self.config_file)])
-        wait_until(
-            self._up_or_exited, timeout=START_TIMEOUT, what="SPIRE agent healthy", log=self.process.log_file
-        )
+        self.process.wait_healthy(self.healthy, timeout=START_TIMEOUT, what="SPIRE agent healthy")
         self.server.drop_node_aliases(keep_parent=f"spiffe://{TRUST_DOMAIN}/spire/agent/join_token/{token}")
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()
 
     def offered(self) -> set[str]:
         """The SPIFFE IDs the agent hands to us (the stack's own uid) right now."""

@@ -592,7 +592,8 @@ class Stack:
         """The PostgreSQL exporter's login, to the `postgres` database: it reads the server's
         statistics views, which need no table of ours."""
         dsn = self.postgres.dsn(PG_LOGINS["monitor"], self.state.pg_login_passwords["monitor"], "postgres")
-        return dsn + "?sslmode=disable"  # loopback, as every client of the stack's server (lib/pq asks for TLS)
+        # Loopback, as for every client of the stack's server (lib/pq asks for TLS by default).
+        return dsn + "?sslmode=disable"
 
     def pg_login_dsn(self, login: str) -> str:
         """The login of a service (`ingester`, `processor`, `storage`) or of `operator`."""
@@ -750,7 +751,10 @@ def create_missing_topics(admin: AdminClient, specs: tuple[TopicSpec, ...]) -> l
     # min.insync.replicas applies too): 1 on this one-node broker, e.g. 3 (and 2 in sync)
     # on a cluster, without a change here.
     futures = admin.create_topics(
-        [NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config) for t in wanted],
+        [
+            NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config)
+            for t in wanted
+        ],
         operation_timeout=30,
         request_timeout=30,
     )

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from deploy.local import tools
-from deploy.local.processes import ManagedProcess, StackError, raise_exited, wait_until
+from deploy.local.processes import ManagedProcess, StackError
 
 CONFIG = tools.LOCAL / "jaeger" / "config.yaml"
 START_TIMEOUT = 60.0  # 0.3 s on the 2-core machine; the margin is for a loaded one
@@ -48,11 +48,8 @@ class TraceBackend:
                 "JAEGER_MAX_TRACES": str(self.max_traces),
             },
         )
-        wait_until(
-            self._up_or_exited,
-            timeout=START_TIMEOUT,
-            what="Jaeger answering queries and taking OTLP",
-            log=self.process.log_file,
+        self.process.wait_healthy(
+            self.healthy, timeout=START_TIMEOUT, what="Jaeger answering queries and taking OTLP"
         )
 
     def healthy(self) -> bool:
@@ -84,8 +81,3 @@ class TraceBackend:
             for scope_spans in resource_spans.get("scopeSpans", []):
                 spans += [{**span, "service": service} for span in scope_spans.get("spans", [])]
         return spans
-
-    def _up_or_exited(self) -> bool:
-        if self.process.exited():
-            raise_exited(self.process)
-        return self.healthy()

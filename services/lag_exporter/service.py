@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
     ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaError,
@@ -222,9 +223,10 @@ class LagReader:
                         continue
                     error = message.error()
                     if error is None:
-                        found[tp] = self._known[(*tp, to_read[tp])] = FirstUnread(
-                            message.offset(), message.timestamp()[1] / 1000
-                        )
+                        kind, stamp_ms = message.timestamp()
+                        # A record without a timestamp: aged from when the exporter first saw it.
+                        stamp_s = stamp_ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE else time.time()
+                        found[tp] = self._known[(*tp, to_read[tp])] = FirstUnread(message.offset(), stamp_s)
                     elif error.code() == KafkaError._PARTITION_EOF:
                         found[tp] = None
                         self._known[(*tp, to_read[tp])] = ends[tp]
