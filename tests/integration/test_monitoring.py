@@ -109,3 +109,11 @@ def test_every_dashboard_panel_answers_with_live_data(stack: Stack) -> None:
         eventually(all_answer, 120, "every panel's query answered")
     except AssertionError:
         raise AssertionError("panels without data:\n" + "\n".join(map(str, missing))) from None
+
+
+def test_the_lag_exporter_comes_back_after_sigkill(stack: Stack) -> None:
+    killed = stack.lag_exporter.kill_service()
+    eventually(stack.lag_exporter.ready, 60, "the lag exporter ready again (restarted by its supervisor)")
+    assert stack.lag_exporter.service_pid != killed
+    lag = f'count(pipeline_group_lag_records{{group="{LAKE_GROUP}"}})'
+    eventually(lambda: (total(stack, lag) or 0) > 0, 60, "lag in Prometheus from the new exporter")
