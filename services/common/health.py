@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # A consumer that has seen no broker UP for this long cannot do its work: not ready. The
 # statistics come every 5 s, so this is three of them in a row without a connection.
 KAFKA_GRACE_S = 15.0
+# A client whose statistics name no broker to connect to (only librdkafka's logical
+# coordinator handles) for this long is stranded: replace it (see KafkaConnectivity).
+STRANDED_S = 10.0
 # What /readyz answers, as a metric: a dashboard and an alert see readiness over time.
 READY = Gauge("pipeline_ready", "1 while /readyz answers 200 (the process can do its work now)")
 
@@ -46,23 +49,45 @@ class KafkaConnectivity:
     that does not answer (a commit waiting out its timeout) stops getting them too, and
     the time since the last UP grows, as it should. Counting starts when the tracker is
     made: a new consumer has `grace_s` to connect.
+
+    Stranded: librdkafka forgets every broker a metadata response leaves out, and a broker
+    shutting down can answer with none while still listing topics. With no broker left but
+    its logical coordinator handles, the client has nothing to reconnect to when the broker
+    is back, and its re-bootstrap may never come (seen in CI: a sink's consumer stuck for
+    minutes after a broker restart, its statistics naming only "GroupCoordinator"). Such a
+    client must be replaced (service.Supervised does).
     """
 
     def __init__(self, grace_s: float = KAFKA_GRACE_S, clock: Callable[[], float] = time.monotonic):
         self.grace_s, self.clock = grace_s, clock
         self.last_up = clock()
         self.brokers: dict[str, str] = {}  # broker -> state, as the last statistics said
+        self.stranded_since: float | None = None
 
     def on_stats(self, stats: dict[str, Any]) -> None:
-        brokers = stats.get("brokers") or {}
+        brokers = {name: b for name, b in (stats.get("brokers") or {}).items() if isinstance(b, dict)}
         # librdkafka's internal pseudo-broker (":0/internal") is no connection to anything.
         self.brokers = {
             name: str(b.get("state", "?"))
             for name, b in brokers.items()
-            if isinstance(b, dict) and b.get("source") != "internal" and not name.endswith("/internal")
+            if b.get("source") != "internal" and not name.endswith("/internal")
         }
         if "UP" in self.brokers.values():
             self.last_up = self.clock()
+        if any(b.get("source") in ("configured", "learned") for b in brokers.values()):
+            self.stranded_since = None
+        elif self.stranded_since is None:
+            self.stranded_since = self.clock()
+
+    def stranded(self) -> str | None:
+        """Why the client cannot recover by itself, or None."""
+        if self.stranded_since is None or self.clock() - self.stranded_since < STRANDED_S:
+            return None
+        return f"no broker left to connect to for {self.clock() - self.stranded_since:.0f}s"
+
+    def client_replaced(self) -> None:
+        """A fresh client of the group was built: it starts from its bootstrap servers."""
+        self.stranded_since = None
 
     def unreachable(self) -> str | None:
         """Why Kafka counts as unreachable now, or None while a broker was UP recently."""

@@ -61,6 +61,9 @@ class Supervised:
     clients of the new SVID takes over, with the same transactional and static member ids
     (no rebalance of the others, exactly-once kept).
 
+    Also when the loop's consumer is stranded (health.KafkaConnectivity: librdkafka has no
+    broker left to reconnect to): the fresh clients start again from the bootstrap servers.
+
     Readiness follows the broker connections of the stage's consumer group (its statistics
     callback, metrics.consumer_lag_callback, reports them).
     """
@@ -81,7 +84,9 @@ class Supervised:
     async def run(self) -> None:
         while not self.stop.is_set():
             leave = asyncio.Event()
-            watch = asyncio.create_task(self._leave_on_stop_or_renewal(leave, self.identity.generation))
+            watch = asyncio.create_task(self._leave_when_due(leave, self.identity.generation))
+            if kafka := known_kafka_connectivity(self.group):
+                kafka.client_replaced()
             self.current = self.make(leave)
             try:
                 await self.current.run()
@@ -92,14 +97,23 @@ class Supervised:
             finally:
                 watch.cancel()
 
-    async def _leave_on_stop_or_renewal(self, leave: asyncio.Event, generation: int) -> None:
-        while self.identity.generation == generation:
+    async def _leave_when_due(self, leave: asyncio.Event, generation: int) -> None:
+        """Tells the loop to leave on the service's stop, an SVID renewal or a stranded consumer."""
+        while not self.stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), IDENTITY_CHECK_S)
-            if self.stop.is_set():
+            if self.identity.generation != generation:
+                log.info(
+                    "SVID renewed: new Kafka clients at the next batch boundary", extra={"loop": self.name}
+                )
                 break
-        else:
-            log.info("SVID renewed: new Kafka clients at the next batch boundary", extra={"loop": self.name})
+            kafka = known_kafka_connectivity(self.group)
+            if kafka and (stranded := kafka.stranded()):
+                log.error(
+                    "kafka consumer stranded, replacing the clients",
+                    extra={"loop": self.name, "error": stranded},
+                )
+                break
         leave.set()
 
     def ready(self) -> tuple[bool, str]:

@@ -29,11 +29,13 @@ class Clock:
 
 
 def stats(**brokers: str) -> dict[str, Any]:
-    """librdkafka statistics with these broker states, and its internal pseudo-broker."""
+    """librdkafka statistics with these broker states, its internal pseudo-broker and its
+    logical group coordinator handle."""
     entries: dict[str, Any] = {
         name: {"name": name, "source": "learned", "state": s} for name, s in brokers.items()
     }
     entries[":0/internal"] = {"name": ":0/internal", "source": "internal", "state": "UP"}
+    entries["GroupCoordinator"] = {"name": "GroupCoordinator", "source": "logical", "state": "TRY_CONNECT"}
     return {"name": "rdkafka#consumer-1", "type": "consumer", "brokers": entries, "topics": {}}
 
 
@@ -47,7 +49,9 @@ def test_ready_while_a_broker_was_up_recently_not_after_the_grace() -> None:
     assert kafka.unreachable() is None
     clock.now += 2  # 16 s since the last UP
     why = kafka.unreachable()
-    assert why == "no Kafka broker connection UP for 16s (127.0.0.1:19092/1 TRY_CONNECT)"
+    assert why == (
+        "no Kafka broker connection UP for 16s (127.0.0.1:19092/1 TRY_CONNECT, GroupCoordinator TRY_CONNECT)"
+    )
     kafka.on_stats(stats(**{"127.0.0.1:19092/1": "UP"}))
     assert kafka.unreachable() is None
 
@@ -60,6 +64,25 @@ def test_the_internal_broker_does_not_count_as_a_connection() -> None:
     assert kafka.unreachable() is not None
     kafka.on_stats({"brokers": {}})  # no brokers known at all
     assert kafka.unreachable() == "no Kafka broker connection UP for 20s"
+
+
+def test_a_client_with_no_broker_left_but_its_coordinator_handle_is_stranded() -> None:
+    clock = Clock()
+    kafka = KafkaConnectivity(grace_s=15, clock=clock)
+    kafka.on_stats(stats(**{"127.0.0.1:19092/1": "DOWN"}))
+    clock.now += 60
+    assert kafka.stranded() is None  # down, but librdkafka reconnects to it by itself
+    kafka.on_stats(stats())  # a metadata response without brokers made it forget the broker
+    clock.now += health.STRANDED_S - 1
+    kafka.on_stats(stats())
+    assert kafka.stranded() is None  # not yet: one snapshot is no pattern
+    clock.now += 1
+    assert kafka.stranded() == f"no broker left to connect to for {health.STRANDED_S:.0f}s"
+    kafka.client_replaced()
+    assert kafka.stranded() is None  # the fresh client starts from the bootstrap servers
+    kafka.on_stats(stats(**{"127.0.0.1:19092/bootstrap": "UP"}))
+    clock.now += 60
+    assert kafka.stranded() is None
 
 
 def test_the_statistics_callback_feeds_lag_and_connectivity_of_its_group() -> None:
@@ -132,6 +155,37 @@ def test_a_renewed_svid_replaces_the_loop_and_a_stop_ends_it(monkeypatch: pytest
     asyncio.run(scenario())
 
 
+def test_a_stranded_consumer_gets_its_loop_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "IDENTITY_CHECK_S", 0.01)
+    stage = f"test-{uuid.uuid4().hex[:8]}"
+    tracker = health.kafka_connectivity(group_id(stage))  # as the loop's statistics callback makes it
+    clock = Clock()
+    tracker.clock = clock
+    made: list[LoopUntilTold] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        supervised = Supervised(
+            stage,
+            lambda leave: LoopUntilTold(leave, made),
+            DependencyWaiter(stage, stop),
+            stop,
+            RenewingIdentity(),
+        )  # type: ignore[arg-type]
+        task = asyncio.create_task(supervised.run())
+        await wait_for(lambda: len(made) == 1 and made[0].running)
+        tracker.on_stats(stats())  # the consumer's statistics: only the coordinator handle left
+        clock.now += health.STRANDED_S
+        await wait_for(lambda: len(made) == 2 and made[1].running)
+        assert not made[0].running and tracker.stranded() is None  # replaced once, not again and again
+        await asyncio.sleep(0.05)
+        assert len(made) == 2
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -156,7 +210,8 @@ def test_supervised_loop_is_not_ready_naming_kafka_when_no_broker_is_up() -> Non
     ok, why = loop.ready()
     assert not ok
     assert (
-        why == f"{stage}: waiting for kafka: no Kafka broker connection UP for 30s (127.0.0.1:19092/1 DOWN)"
+        why == f"{stage}: waiting for kafka: no Kafka broker connection UP for 30s "
+        "(127.0.0.1:19092/1 DOWN, GroupCoordinator TRY_CONNECT)"
     )
     tracker.on_stats(stats(**{"127.0.0.1:19092/1": "UP"}))
     assert loop.ready() == (True, f"{stage}: ready")
