@@ -37,9 +37,12 @@ KUSTOMIZE_VERSION := v5.8.1
 KUSTOMIZE_BIN := $(PIPELINE_CACHE)/kustomize-$(KUSTOMIZE_VERSION)/kustomize
 KUBECONFORM_VERSION := v0.8.0
 KUBECONFORM_BIN := $(PIPELINE_CACHE)/kubeconform-$(KUBECONFORM_VERSION)/kubeconform
+# compose-go, the library `docker compose` is built on, behind our compose-config program.
+COMPOSE_GO_VERSION := v2.16.2
+COMPOSE_CONFIG_BIN := $(PIPELINE_CACHE)/compose-config-$(COMPOSE_GO_VERSION)/compose-config
 export PIPELINE_CACHE
 
-.PHONY: help deps system-deps up down clean status test test-unit test-opa test-java test-integration lint bench spire jaeger k8s-tools
+.PHONY: help deps system-deps up down clean status test test-unit test-opa test-java test-integration lint bench spire jaeger k8s-tools compose-tools
 
 help:
 	@echo "make up      start the native stack (Kafka mTLS+OPA, OPA, PostgreSQL) in .stack/"
@@ -50,7 +53,7 @@ help:
 
 # Everything the stack and the tests need, installed once and reused afterwards.
 deps: system-deps $(VENV)/.installed $(KAFKA_JAR) $(OPA_BIN) $(ES_UNPACKED) $(S3_LIB) $(SPIRE_BIN)/spire-server \
-	$(PROMETHEUS_DIR)/.unpacked $(JAEGER_BIN)/jaeger $(CONSOLE_MODULES) k8s-tools
+	$(PROMETHEUS_DIR)/.unpacked $(JAEGER_BIN)/jaeger $(CONSOLE_MODULES) k8s-tools compose-tools
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -118,6 +121,11 @@ $(KUBECONFORM_BIN):
 
 k8s-tools: $(KUSTOMIZE_BIN) $(KUBECONFORM_BIN)
 
+$(COMPOSE_CONFIG_BIN): deploy/compose/loader/go.mod deploy/compose/loader/go.sum deploy/compose/loader/main.go
+	cd deploy/compose/loader && GOFLAGS=-mod=mod go build -o $@ .
+
+compose-tools: $(COMPOSE_CONFIG_BIN)
+
 # Again when the lock file changes: npm ci writes node_modules/.package-lock.json at each
 # install (touched all the same, like the other stamps here).
 $(CONSOLE_MODULES): deploy/local/console/package-lock.json
@@ -140,7 +148,7 @@ status: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-test-unit: $(VENV)/.installed k8s-tools
+test-unit: $(VENV)/.installed k8s-tools compose-tools
 	$(PY) -m pytest tests/unit -q
 
 test-opa: $(OPA_BIN)

@@ -55,7 +55,7 @@ def tool(name: str, variable: str) -> Path:
     cache = Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "pipeline"))
     path = cache / f"{name}-{make_var(variable)}" / name
     if not path.is_file():
-        pytest.fail(f"{path} is missing: run `make k8s-tools`", pytrace=False)
+        pytest.fail(f"{path} is missing: run `make deps` (k8s-tools, compose-tools)", pytrace=False)
     return path
 
 
