@@ -154,8 +154,9 @@ test-unit: $(VENV)/.installed k8s-tools compose-tools
 test-opa: $(OPA_BIN)
 	$(OPA_BIN) test opa
 
+# Against the native stack's Kafka (3.9.2), then Strimzi's (-Pkafka4, deploy/local/pom.xml).
 test-java:
-	cd deploy/local && mvn -B -q test
+	cd deploy/local && mvn -B -q test && mvn -B -q -Pkafka4 test
 
 test-integration: deps
 	$(PY) -m pytest tests/integration -q

@@ -270,6 +270,41 @@ def test_broker_settings_are_the_native_ones_strimzi_lets_us_set(docs: dict[str,
     assert base_config["min.insync.replicas"] == 2 and base_config["default.replication.factor"] == 3
 
 
+def test_broker_plugins_are_configured_for_strimzi(base: list[dict]) -> None:
+    """DN principals on Strimzi's internal listeners only (its brokers and operators have no
+    SPIFFE ID); the authorizer's SPIFFE TLS towards OPA from opa.authorizer.ssl.* (the native
+    ssl.* algorithms, which Strimzi owns here), trusting OPA's SPIFFE ID alone."""
+    native = native_broker_settings()
+    kafka = one(base, "Kafka", "pipeline")["spec"]["kafka"]
+    config = kafka["config"]
+    # Strimzi's names (KafkaBrokerConfigurationBuilder), as Kafka reports them: upper case.
+    dn_listeners = config["spiffe.dn.principal.listeners"].split(",")
+    assert sorted(dn_listeners) == ["CONTROLPLANE-9090", "REPLICATION-9091"]
+    clients = {f"{listener['name']}-{listener['port']}".upper() for listener in kafka["listeners"]}
+    assert not clients & set(dn_listeners), "a client listener would take DN principals"
+    for setting in ("keymanager.algorithm", "trustmanager.algorithm"):
+        assert config[f"opa.authorizer.ssl.{setting}"] == native[f"ssl.{setting}"] == "Spiffe"
+    assert "security.providers" in native and not any(k.startswith("security.") for k in config)
+    pool = one(base, "KafkaNodePool", "combined")["spec"]
+    accept = {p["name"]: p["value"] for p in pool["jvmOptions"]["javaSystemProperties"]}
+    opa_id = next(i for i, account in registered().items() if account == "opa")
+    assert accept == {"ssl.spiffe.accept": opa_id}
+
+
+def test_broker_image_plugins_are_built_and_tested_against_its_kafka(base: list[dict]) -> None:
+    """kafka.Dockerfile builds the jars with the pom's kafka4 profile, whose Kafka is the Kafka
+    resource's version (what make test-java tests them against)."""
+    pom = (REPO / "deploy/local/pom.xml").read_text()
+    profile = re.search(r"<id>kafka4</id>.*?</profile>", pom, re.S).group(0)
+    version = one(base, "Kafka", "pipeline")["spec"]["kafka"]["version"]
+    assert f"<kafka.version>{version}</kafka.version>" in profile
+    assert "-Pkafka4 test" in (REPO / "Makefile").read_text()
+    dockerfile = (K8S / "kafka.Dockerfile").read_text()
+    assert "mvn -B -q -Pkafka4 -DskipTests package" in dockerfile
+    copies = re.findall(r"^COPY --from=jars (\S+)", dockerfile, re.M)
+    assert copies and all(c.startswith("/build/target/kafka4/") for c in copies)
+
+
 def test_broker_metrics_rules_are_the_native_ones(base: list[dict]) -> None:
     data = one(base, "ConfigMap", "kafka-metrics")["data"]
     assert data == {"jmx-exporter.yml": (REPO / "deploy/local/kafka/jmx-exporter.yml").read_text()}

@@ -5,8 +5,11 @@ import java.security.cert.CertificateParsingException;
 import java.security.cert.X509Certificate;
 import java.util.ArrayList;
 import java.util.Collection;
+import java.util.HashSet;
 import java.util.List;
+import java.util.Locale;
 import java.util.Map;
+import java.util.Set;
 
 import javax.net.ssl.SSLPeerUnverifiedException;
 
@@ -20,6 +23,7 @@ import org.apache.kafka.common.security.auth.KafkaPrincipalBuilder;
 import org.apache.kafka.common.security.auth.KafkaPrincipalSerde;
 import org.apache.kafka.common.security.auth.SslAuthenticationContext;
 import org.apache.kafka.common.security.authenticator.DefaultKafkaPrincipalBuilder;
+import org.apache.kafka.common.security.ssl.SslPrincipalMapper;
 
 /**
  * Makes the Kafka principal the client's SPIFFE ID ({@code User:spiffe://td/path}), taken from
@@ -36,6 +40,17 @@ import org.apache.kafka.common.security.authenticator.DefaultKafkaPrincipalBuild
  * {@value #TRUST_DOMAIN_CONFIG} are passed through as given; a {@code listener.name.x.} prefixed
  * form is not stripped, so set the plain key.
  *
+ * <p>One exception, off by default: on the listeners named in {@value #DN_PRINCIPAL_LISTENERS_CONFIG}, a
+ * certificate with no {@code spiffe://} URI SAN at all gets Kafka's default principal,
+ * {@code User:} and its subject DN (as {@link DefaultKafkaPrincipalBuilder} gives it, after the
+ * broker's {@code ssl.principal.mapping.rules}). Why: Strimzi's own listeners (replication
+ * {@code REPLICATION-9091}, KRaft {@code CONTROLPLANE-9090}) carry its brokers' and operators'
+ * traffic, authenticated by certificates of its cluster CA that have no SPIFFE ID, and Strimzi
+ * makes those DN principals super users ({@code User:CN=<cluster>-kafka,O=io.strimzi}, ...). Only
+ * list listeners whose trust store is such a CA: the DN is then a name that CA gave. A certificate
+ * that does carry a SPIFFE ID keeps the SPIFFE principal on every listener, and a malformed or
+ * doubled SPIFFE ID is refused there too: only "no SPIFFE ID at all" falls back.
+ *
  * <p>It is also the {@link KafkaPrincipalSerde}: in KRaft the broker forwards some requests to the
  * controller with the principal serialized in the envelope, and Kafka only does that when the
  * principal builder is a serde.
@@ -44,6 +59,14 @@ public class SpiffePrincipalBuilder implements KafkaPrincipalBuilder, KafkaPrinc
 
     /** Optional: the only trust domain accepted (e.g. {@code pipeline.local}). */
     public static final String TRUST_DOMAIN_CONFIG = "spiffe.trust.domain";
+    /**
+     * Optional: a comma list of listener names (e.g. {@code REPLICATION-9091,CONTROLPLANE-9090}) on
+     * which a certificate without a SPIFFE ID gets its subject DN as principal. Matched
+     * case-insensitively: Kafka reports listener names upper-cased ({@code ListenerName.normalised}).
+     */
+    public static final String DN_PRINCIPAL_LISTENERS_CONFIG = "spiffe.dn.principal.listeners";
+    /** Kafka's own setting, honoured for the DN principals as Kafka's default builder does. */
+    private static final String SSL_PRINCIPAL_MAPPING_RULES_CONFIG = "ssl.principal.mapping.rules";
 
     private static final String SCHEME = "spiffe://";
     /** X.509 GeneralName tag for uniformResourceIdentifier (RFC 5280 4.2.1.6). */
@@ -56,12 +79,20 @@ public class SpiffePrincipalBuilder implements KafkaPrincipalBuilder, KafkaPrinc
     private final DefaultKafkaPrincipalBuilder serde = new DefaultKafkaPrincipalBuilder(null, null);
 
     private volatile String trustDomain; // null: any well-formed trust domain
+    private volatile Set<String> dnListeners = Set.of(); // upper-cased
+    // Kafka's default builder, for the DN principals of those listeners (null when there are none).
+    private volatile DefaultKafkaPrincipalBuilder dnPrincipals;
 
     public SpiffePrincipalBuilder() {
     }
 
     @Override
     public void configure(Map<String, ?> configs) {
+        configureTrustDomain(configs);
+        configureDnListeners(configs);
+    }
+
+    private void configureTrustDomain(Map<String, ?> configs) {
         Object value = configs.get(TRUST_DOMAIN_CONFIG);
         String td = value == null ? "" : value.toString().trim();
         if (td.isEmpty()) {
@@ -76,6 +107,37 @@ public class SpiffePrincipalBuilder implements KafkaPrincipalBuilder, KafkaPrinc
         trustDomain = td;
     }
 
+    private void configureDnListeners(Map<String, ?> configs) {
+        Object value = configs.get(DN_PRINCIPAL_LISTENERS_CONFIG);
+        String list = value == null ? "" : value.toString().trim();
+        if (list.isEmpty()) {
+            dnListeners = Set.of();
+            dnPrincipals = null;
+            return;
+        }
+        Set<String> names = new HashSet<>();
+        // -1 keeps trailing empty entries, so "A," is refused like "A,,B".
+        for (String entry : list.split(",", -1)) {
+            String name = entry.trim();
+            // A typo here would silently refuse Strimzi's brokers (or, worse, name the wrong
+            // listener): fail at startup instead.
+            if (!name.matches("[A-Za-z0-9_.-]+")) {
+                throw new ConfigException(DN_PRINCIPAL_LISTENERS_CONFIG, value,
+                    "expected a comma list of listener names (letters, digits, '-', '_', '.'), got the entry '" + name + "'");
+            }
+            names.add(name.toUpperCase(Locale.ROOT));
+        }
+        Object rules = configs.get(SSL_PRINCIPAL_MAPPING_RULES_CONFIG);
+        SslPrincipalMapper mapper;
+        try {
+            mapper = SslPrincipalMapper.fromRules(rules == null ? "DEFAULT" : rules.toString());
+        } catch (IllegalArgumentException e) {
+            throw new ConfigException(SSL_PRINCIPAL_MAPPING_RULES_CONFIG, rules, e.getMessage());
+        }
+        dnPrincipals = new DefaultKafkaPrincipalBuilder(null, mapper);
+        dnListeners = Set.copyOf(names);
+    }
+
     @Override
     public KafkaPrincipal build(AuthenticationContext context) {
         // This builder exists to map mTLS identities; a PLAINTEXT/SASL listener configured with it
@@ -84,8 +146,14 @@ public class SpiffePrincipalBuilder implements KafkaPrincipalBuilder, KafkaPrinc
             throw new IllegalStateException("SpiffePrincipalBuilder only supports SSL listeners, got "
                 + (context == null ? "null" : context.securityProtocol()) + " context");
         }
-        X509Certificate leaf = leafCertificate((SslAuthenticationContext) context);
-        String id = singleSpiffeId(leaf);
+        SslAuthenticationContext ssl = (SslAuthenticationContext) context;
+        X509Certificate leaf = leafCertificate(ssl);
+        List<String> ids = spiffeIds(leaf);
+        DefaultKafkaPrincipalBuilder dn = dnPrincipals;
+        if (ids.isEmpty() && dn != null && isDnListener(ssl.listenerName())) {
+            return dn.build(ssl);
+        }
+        String id = single(ids);
 
         String problem = spiffeIdProblem(id);
         if (problem != null) {
@@ -123,7 +191,12 @@ public class SpiffePrincipalBuilder implements KafkaPrincipalBuilder, KafkaPrinc
         return (X509Certificate) chain[0];
     }
 
-    private static String singleSpiffeId(X509Certificate leaf) {
+    private boolean isDnListener(String listenerName) {
+        return listenerName != null && dnListeners.contains(listenerName.toUpperCase(Locale.ROOT));
+    }
+
+    /** The certificate's URI SANs that claim to be SPIFFE IDs (validated later). */
+    private static List<String> spiffeIds(X509Certificate leaf) {
         Collection<List<?>> sans;
         try {
             sans = leaf.getSubjectAlternativeNames();
@@ -143,6 +216,10 @@ public class SpiffePrincipalBuilder implements KafkaPrincipalBuilder, KafkaPrinc
                 }
             }
         }
+        return ids;
+    }
+
+    private static String single(List<String> ids) {
         if (ids.isEmpty()) {
             throw new SslAuthenticationException("client certificate has no spiffe:// URI SAN");
         }

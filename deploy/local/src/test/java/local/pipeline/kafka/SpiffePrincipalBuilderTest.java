@@ -25,6 +25,8 @@ import org.apache.kafka.common.errors.SslAuthenticationException;
 import org.apache.kafka.common.security.auth.KafkaPrincipal;
 import org.apache.kafka.common.security.auth.PlaintextAuthenticationContext;
 import org.apache.kafka.common.security.auth.SslAuthenticationContext;
+import org.apache.kafka.common.security.authenticator.DefaultKafkaPrincipalBuilder;
+import org.apache.kafka.common.security.ssl.SslPrincipalMapper;
 import org.bouncycastle.asn1.x500.X500Name;
 import org.bouncycastle.asn1.x509.Extension;
 import org.bouncycastle.asn1.x509.GeneralName;
@@ -41,6 +43,19 @@ import org.junit.jupiter.params.provider.ValueSource;
 class SpiffePrincipalBuilderTest {
 
     private static final String INGESTER = "spiffe://pipeline.local/service/ingester";
+    /** Strimzi's internal listeners, as Kafka names them to the builder. */
+    private static final String REPLICATION = "REPLICATION-9091";
+    private static final String CONTROLPLANE = "CONTROLPLANE-9090";
+    /** What deploy/k8s/base/kafka.yaml sets. */
+    private static final Map<String, String> STRIMZI = Map.of(
+        SpiffePrincipalBuilder.DN_PRINCIPAL_LISTENERS_CONFIG, REPLICATION + "," + CONTROLPLANE);
+    /**
+     * A Strimzi broker's certificate from its cluster CA: a subject and DNS names, no SPIFFE ID.
+     * Its subject is encoded O first, then CN: Kafka prints a subject as RFC 2253 does, last first,
+     * and Strimzi's super.users name its brokers {@link #STRIMZI_BROKER_DN}.
+     */
+    private static final String STRIMZI_BROKER_SUBJECT = "O=io.strimzi,CN=pipeline-kafka";
+    private static final String STRIMZI_BROKER_DN = "CN=pipeline-kafka,O=io.strimzi";
 
     private static KeyPair keyPair;
 
@@ -156,6 +171,75 @@ class SpiffePrincipalBuilderTest {
             () -> builder(Map.of(SpiffePrincipalBuilder.TRUST_DOMAIN_CONFIG, "spiffe://pipeline.local")));
     }
 
+    // ---- DN principals on the listeners named for them (Strimzi's internal ones) ---------------
+
+    @Test
+    void certificateWithoutSpiffeIdGetsKafkasDnPrincipalOnAListedListener() throws Exception {
+        X509Certificate broker = cert(STRIMZI_BROKER_SUBJECT, dns("pipeline-kafka-0.pipeline-kafka-brokers.pipeline.svc"));
+        for (String listener : new String[] {REPLICATION, CONTROLPLANE}) {
+            KafkaPrincipal p = builder(STRIMZI).build(ctx(broker, listener));
+            // The name Strimzi puts in super.users ...
+            assertEquals("User:" + STRIMZI_BROKER_DN, p.toString());
+            // ... and exactly what Kafka's default builder (default mapping rules) gives.
+            assertEquals(new DefaultKafkaPrincipalBuilder(null, SslPrincipalMapper.fromRules("DEFAULT"))
+                .build(ctx(broker, listener)), p);
+        }
+    }
+
+    @Test
+    void listedListenerNamesMatchWhateverTheirCase() throws Exception {
+        SpiffePrincipalBuilder b = builder(Map.of(SpiffePrincipalBuilder.DN_PRINCIPAL_LISTENERS_CONFIG, " replication-9091 "));
+        assertEquals(STRIMZI_BROKER_DN, b.build(ctx(cert(STRIMZI_BROKER_SUBJECT), REPLICATION)).getName());
+    }
+
+    @Test
+    void theBrokersPrincipalMappingRulesApplyToDnPrincipals() throws Exception {
+        Map<String, String> configs = Map.of(
+            SpiffePrincipalBuilder.DN_PRINCIPAL_LISTENERS_CONFIG, REPLICATION,
+            "ssl.principal.mapping.rules", "RULE:^CN=([^,]+),.*$/$1/,DEFAULT");
+        assertEquals("pipeline-kafka", builder(configs).build(ctx(cert(STRIMZI_BROKER_SUBJECT), REPLICATION)).getName());
+    }
+
+    @Test
+    void certificateWithoutSpiffeIdIsStillRefusedOnOtherListeners() throws Exception {
+        X509Certificate broker = cert(STRIMZI_BROKER_SUBJECT, dns("pipeline-kafka-0.pipeline-kafka-brokers.pipeline.svc"));
+        SslAuthenticationException e = assertThrows(SslAuthenticationException.class,
+            () -> builder(STRIMZI).build(ctx(broker, "TLS-9093")));
+        assertTrue(e.getMessage().contains("no spiffe:// URI SAN"), e.getMessage());
+        // And on Strimzi's listeners too, unless they are named.
+        assertThrows(SslAuthenticationException.class, () -> builder(Map.of()).build(ctx(broker, REPLICATION)));
+    }
+
+    @Test
+    void aSpiffeIdKeepsItsPrincipalOnAListedListener() throws Exception {
+        KafkaPrincipal p = builder(STRIMZI).build(ctx(cert(STRIMZI_BROKER_SUBJECT, uri(INGESTER)), REPLICATION));
+        assertEquals("User:" + INGESTER, p.toString());
+    }
+
+    @Test
+    void aBadSpiffeIdIsRefusedOnAListedListenerRatherThanFallingBackToTheDn() throws Exception {
+        SpiffePrincipalBuilder b = builder(STRIMZI);
+        assertThrows(SslAuthenticationException.class,
+            () -> b.build(ctx(cert(STRIMZI_BROKER_SUBJECT, uri("spiffe://pipeline.local/a/../b")), REPLICATION)));
+        assertThrows(SslAuthenticationException.class,
+            () -> b.build(ctx(cert(STRIMZI_BROKER_SUBJECT, uri(INGESTER), uri("spiffe://pipeline.local/x")), REPLICATION)));
+    }
+
+    @ParameterizedTest
+    @ValueSource(strings = {
+        "REPLICATION-9091,,CONTROLPLANE-9090",
+        "REPLICATION-9091,",
+        ",REPLICATION-9091",
+        "REPLICATION 9091",
+        "REPLICATION-9091;CONTROLPLANE-9090",
+        "SSL://0.0.0.0:9091",
+    })
+    void malformedListenerListFailsConfiguration(String value) {
+        ConfigException e = assertThrows(ConfigException.class,
+            () -> builder(Map.of(SpiffePrincipalBuilder.DN_PRINCIPAL_LISTENERS_CONFIG, value)));
+        assertTrue(e.getMessage().contains(SpiffePrincipalBuilder.DN_PRINCIPAL_LISTENERS_CONFIG), e.getMessage());
+    }
+
     // ---- serde -----------------------------------------------------------------------------
 
     @Test
@@ -187,8 +271,12 @@ class SpiffePrincipalBuilderTest {
     }
 
     private static SslAuthenticationContext ctx(X509Certificate leaf) {
+        return ctx(leaf, "CLIENT");
+    }
+
+    private static SslAuthenticationContext ctx(X509Certificate leaf, String listener) {
         return new SslAuthenticationContext(
-            new FakeSslSession(new Certificate[] {leaf}), InetAddress.getLoopbackAddress(), "CLIENT");
+            new FakeSslSession(new Certificate[] {leaf}), InetAddress.getLoopbackAddress(), listener);
     }
 
     private static GeneralName uri(String uri) {
