@@ -1,5 +1,5 @@
-# One image for the pipeline's Python programs: the three services, pipectl and the lag
-# exporter. No ENTRYPOINT: compose (deploy/compose/compose.yaml) names the program, e.g.
+# One image for the pipeline's Python programs: the three services, pipectl, the lag
+# exporter (and its KEDA Secret sidecar), the SVID sidecars and the one-shot setup. No ENTRYPOINT: compose (deploy/compose/compose.yaml) names the program, e.g.
 # `python -m services.ingester`, `python -m services.lag_exporter`, `pipectl status`.
 # Build from the repository root: docker build -t pipeline .
 
@@ -33,5 +33,11 @@ COPY --from=builder /app /app
 # (policy data, opa/pipeline/data.json). The rest of opa/ is OPA's, mounted into OPA.
 COPY schemas ./schemas
 COPY opa/pipeline/data.json ./opa/pipeline/data.json
+# The one-shot setup (deploy/compose/bootstrap.py: compose's `setup`, the Kubernetes Job
+# pipeline-setup) and the native stack's definitions it imports (roles, bucket, search users,
+# topic creation): Python modules only, none of the native stack's data or Java sources.
+# tests/unit/test_compose.py checks that every module it imports is copied.
+COPY deploy/compose/bootstrap.py ./deploy/compose/bootstrap.py
+COPY deploy/local/*.py ./deploy/local/
 ENV PATH=/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001

@@ -18,7 +18,7 @@ import os
 import re
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -258,6 +258,26 @@ def write_files_atomically(identity: X509Identity, directory: Path) -> None:
         os.replace(partial, directory / name)
 
 
+def follow(
+    source: IdentitySource,
+    on_identity: Callable[[X509Identity], None],
+    stop: threading.Event,
+    poll_s: float = 1.0,
+) -> None:
+    """Call `on_identity` with the source's identity now, then again after each renewal,
+    until `stop` is set: how a program keeps a copy of its SVID elsewhere (files for OPA and
+    Elasticsearch, KEDA's Secret) in step with the Workload API. A slow `on_identity` (one
+    retrying) delays the next call, which then gets the newest identity, not each between."""
+    seen = None
+    while not stop.is_set():
+        # The generation first: current() is then at least that new (at worst passed twice).
+        generation = source.generation
+        if generation != seen:
+            on_identity(source.current())
+            seen = generation
+        stop.wait(poll_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m services.common.identity <spiffe-id> [--write DIR [--follow]]`: this
     process's SVID for that ID from the Workload API (SPIFFE_ENDPOINT_SOCKET).
@@ -301,22 +321,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     args.write.mkdir(parents=True, exist_ok=True)
-    write_files_atomically(identity, args.write)
     if not args.follow:
+        write_files_atomically(identity, args.write)
         source.close()
         return 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    written = source.generation
-    while not stop.wait(1.0):
-        if source.generation != written:
-            written = source.generation
-            identity = source.current()
-            write_files_atomically(identity, args.write)
-            print(
-                f"wrote {args.write}: {identity.spiffe_id} until {identity.not_after.isoformat()}", flush=True
-            )
-    source.close()
+
+    def write(identity: X509Identity) -> None:
+        write_files_atomically(identity, args.write)
+        print(f"wrote {args.write}: {identity.spiffe_id} until {identity.not_after.isoformat()}", flush=True)
+
+    try:
+        follow(source, write, stop)
+    finally:
+        source.close()
     return 0
 
 

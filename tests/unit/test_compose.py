@@ -5,21 +5,26 @@ versions. No Docker engine is needed (or used)."""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.resources
 import json
 import re
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from deploy.compose import generate
+from deploy.compose.bootstrap import PLACEHOLDER, SetupSettings
 from deploy.local.spire_stack import ENTRIES_FILE
 from deploy.local.stack import LAG_EXPORTER_IDENTITY, SERVICES, Stack
 from services.cli.status.config import StatusSettings
-from services.common.config import KafkaSettings
+from services.common.config import KafkaSettings, describe_settings_error
 from services.common.identity import spiffe_id_of
 from services.common.topology import all_topics
 from services.ingester.service import IngesterSettings
@@ -37,7 +42,7 @@ SETTINGS = {
     "storage": StorageSettings,
     "lag-exporter": LagExporterSettings,
     "pipectl": StatusSettings,
-    "setup": KafkaSettings,
+    "setup": SetupSettings,
     "opa-svid": KafkaSettings,
     "elasticsearch-svid": KafkaSettings,
 }
@@ -73,6 +78,17 @@ def env_names(settings: type) -> set[str]:
             names.add(field.alias.upper())
         else:
             names.add(f"{prefix}{name}".upper())
+    return names
+
+
+def required_env_names(settings: type) -> set[str]:
+    """The variables a settings class cannot start without (no default)."""
+    prefix = settings.model_config.get("env_prefix", "")
+    names = set()
+    for name, field in settings.model_fields.items():
+        if field.is_required():
+            alias = field.validation_alias
+            names.add(str(alias.choices[0]).upper() if alias is not None else f"{prefix}{name}".upper())
     return names
 
 
@@ -130,6 +146,111 @@ def test_every_interpolated_variable_is_in_env_example() -> None:
     assert ".env" in (REPO / ".gitignore").read_text().split(), ".env (the secrets) must be git-ignored"
 
 
+def env_example() -> dict[str, str]:
+    lines = (COMPOSE_DIR / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's ${VAR:?message}, as compose.yaml uses it (every use is that form)."""
+
+    def one(match: re.Match) -> str:
+        if not variables.get(match.group(1)):
+            raise ValueError(f"required variable {match.group(1)} is missing a value: {match.group(2)}")
+        return variables[match.group(1)]
+
+    return re.sub(r"\$\{([A-Z0-9_]+):\?([^}]*)\}", one, value)
+
+
+def test_every_variable_is_required_so_compose_stops_without_it() -> None:
+    """Unset or empty, a variable stops `docker compose` before any container starts, with
+    compose's message naming it: every use is ${VAR:?...}, none may fall back to empty."""
+    text = COMPOSE_FILE.read_text()
+    uses = re.findall(r"\$\{[^}]*\}", text)
+    assert uses and all(re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", use) for use in uses), (
+        f"not all required: {sorted({u for u in uses if ':?' not in u})}"
+    )
+    with pytest.raises(ValueError, match="PG_STORAGE_PASSWORD"):
+        interpolate(text, {**env_example(), "PG_STORAGE_PASSWORD": ""})
+
+
+def setup_environment(compose: dict, variables: dict[str, str]) -> dict[str, str]:
+    return {k: interpolate(v, variables) for k, v in environment(compose["services"]["setup"]).items()}
+
+
+def test_setup_refuses_every_placeholder_of_env_example(
+    compose: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """.env.example copied but not edited: setup stops before contacting anything, naming
+    every secret still holding the placeholder; Grafana and the services wait for setup."""
+    from deploy.compose import bootstrap
+
+    example = env_example()
+    secrets = {k for k in example if k != "KAFKA_CLUSTER_ID"}  # the cluster id is no secret
+    assert all(PLACEHOLDER in example[k] for k in secrets), "a secret of .env.example without the placeholder"
+    for name, value in setup_environment(compose, example).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bootstrap, "retry", lambda *a, **k: pytest.fail("setup went on with placeholders"))
+    with pytest.raises(SystemExit) as stopped:
+        bootstrap.main()
+    assert stopped.value.code == 2
+    with pytest.raises(ValidationError) as refused:
+        SetupSettings()
+    named = {str(e["loc"][0]) for e in refused.value.errors()}
+    assert named == secrets, f"refused {sorted(named)}, the secrets are {sorted(secrets)}"
+    for service in ("grafana", *SERVICES):
+        assert (
+            compose["services"][service]["depends_on"]["setup"]["condition"]
+            == "service_completed_successfully"
+        )
+
+
+@pytest.mark.parametrize("value", ["", "  ", "change-me", "pipeline-CHANGE-ME"])
+def test_setup_refuses_an_empty_or_placeholder_secret(
+    compose: dict, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    chosen = {k: f"s3cret-{k.lower()}" for k in env_example()}
+    for name, given in setup_environment(compose, chosen).items():
+        monkeypatch.setenv(name, given)
+    SetupSettings()  # real values: accepted
+    monkeypatch.setenv("PG_MONITOR_PASSWORD", value)
+    with pytest.raises(ValidationError) as refused:
+        SetupSettings()
+    # What setup prints (describe_settings_error): the variable's name, not the value given.
+    (line,) = describe_settings_error(refused.value).splitlines()
+    assert line.startswith("  PG_MONITOR_PASSWORD: ") and "s3cret" not in line
+
+
+def test_setup_is_given_exactly_what_it_reads(compose: dict) -> None:
+    """Every variable setup's settings need is set, and nothing it does not read; one
+    password per PG_LOGINS role (deploy/local/stack.py)."""
+    from deploy.local.stack import PG_LOGINS
+
+    given = set(environment(compose["services"]["setup"]))
+    assert given - env_names(SetupSettings) == set(), "setup is given variables it does not read"
+    assert required_env_names(SetupSettings) - given == set(), "setup lacks required settings"
+    assert {f"PG_{login.upper()}_PASSWORD" for login in PG_LOGINS} <= env_names(SetupSettings)
+
+
+def test_the_image_holds_every_module_setup_imports() -> None:
+    """The image copies deploy/ selectively (Dockerfile): every deploy module bootstrap.py
+    imports, in a fresh interpreter, is under one of its COPY sources."""
+    script = (
+        "import sys, deploy.compose.bootstrap\n"
+        "for name, module in sys.modules.items():\n"
+        "    if name.startswith('deploy.') and getattr(module, '__file__', None):\n"
+        "        print(module.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    files = [str(Path(f).relative_to(REPO)) for f in out.stdout.split()]
+    copied = [
+        args.split()[0] for instruction, args in dockerfile(REPO / "Dockerfile") if instruction == "COPY"
+    ]
+    assert "deploy/compose/bootstrap.py" in files
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, source) for source in copied)]
+    assert missing == [], f"imported by setup, not copied into the image: {missing}"
+
+
 def test_no_secret_is_written_into_the_compose_file(compose: dict) -> None:
     for name, service in compose["services"].items():
         for key, value in environment(service).items():
@@ -155,7 +276,9 @@ def properties(text: str) -> dict[str, str]:
 
 
 def test_broker_settings_are_the_native_ones_but_the_listener_addresses() -> None:
-    native = properties(string.Template(generate.KAFKA_TEMPLATE.read_text()).substitute(generate.KAFKA_VALUES))
+    native = properties(
+        string.Template(generate.KAFKA_TEMPLATE.read_text()).substitute(generate.KAFKA_VALUES)
+    )
     ours = properties(generate.KAFKA_OUT.read_text())
     assert set(ours) == set(native), "compose's server.properties sets other keys than the native one"
     drifted = {k for k in native if native[k] != ours[k]} - set(generate.OVERRIDES)
@@ -197,8 +320,7 @@ def test_setup_creates_exactly_the_topology_topics(monkeypatch: pytest.MonkeyPat
             return type("Clients", (), {"config": lambda self: {}})()
 
     monkeypatch.setattr(bootstrap, "AdminClient", FakeAdmin)
-    monkeypatch.setattr(bootstrap, "KafkaSettings", FakeSettings)
-    bootstrap.create_topics()
+    bootstrap.create_topics(FakeSettings())
     got = [(t.topic, t.num_partitions, t.config) for t in created]
     assert got == [(t.name, t.partitions, t.config) for t in all_topics()]
 
@@ -269,14 +391,23 @@ def test_workload_api_socket_is_the_agents(compose: dict) -> None:
 def test_every_setting_compose_gives_is_read_by_that_program(compose: dict) -> None:
     for name, settings in SETTINGS.items():
         known = env_names(settings)
-        ours = {k for k in environment(compose["services"][name]) if k.startswith(("PIPELINE_", "SPIFFE_", "OTEL_"))}
+        ours = {
+            k
+            for k in environment(compose["services"][name])
+            if k.startswith(("PIPELINE_", "SPIFFE_", "OTEL_"))
+        }
         assert ours - known == set(), f"{name} sets variables {settings.__name__} does not read"
 
 
 def native_service_env(native: Stack, service: str) -> set[str]:
     """What `make up` gives a service (stack.py env_for, start_service, PipelineService.start)."""
     names = set(native.env_for(service)) | set(native.service_env)
-    names |= {"OTEL_EXPORTER_OTLP_ENDPOINT", "PIPELINE_IDENTITY", "PIPELINE_HTTP_PORT", "PIPELINE_INSTANCE_ID"}
+    names |= {
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "PIPELINE_IDENTITY",
+        "PIPELINE_HTTP_PORT",
+        "PIPELINE_INSTANCE_ID",
+    }
     if service == "storage":
         names |= {"PIPELINE_ES_USERNAME", "PIPELINE_ES_PASSWORD"}
     return names
@@ -313,7 +444,9 @@ def test_health_port_is_the_metrics_port_prometheus_scrapes(compose: dict) -> No
         assert f"http://127.0.0.1:{port}/healthz" in probe, f"{name}: the health check is not its /healthz"
     dns = jobs["pipeline"]["dns_sd_configs"][0]
     assert sorted(dns["names"]) == sorted(SERVICES)
-    assert all(compose["services"][s]["environment"]["PIPELINE_HTTP_PORT"] == str(dns["port"]) for s in SERVICES)
+    assert all(
+        compose["services"][s]["environment"]["PIPELINE_HTTP_PORT"] == str(dns["port"]) for s in SERVICES
+    )
     lag_port = compose["services"]["lag-exporter"]["environment"]["PIPELINE_HTTP_PORT"]
     assert jobs["lag-exporter"]["static_configs"][0]["targets"] == [f"lag-exporter:{lag_port}"]
     start = (COMPOSE_DIR / "kafka" / "start.sh").read_text()
@@ -327,12 +460,16 @@ def test_services_start_after_what_they_need(compose: dict) -> None:
     services = compose["services"]
     for name in SERVICES:
         needs = services[name]["depends_on"]
-        assert needs["setup"]["condition"] == "service_completed_successfully", f"{name} may start before setup"
+        assert needs["setup"]["condition"] == "service_completed_successfully", (
+            f"{name} may start before setup"
+        )
         assert needs["kafka"]["condition"] == "service_healthy"
     for name, service in services.items():
         for dependency, condition in (service.get("depends_on") or {}).items():
             if condition["condition"] == "service_healthy":
-                assert "healthcheck" in services[dependency], f"{name} waits for {dependency}, which has no healthcheck"
+                assert "healthcheck" in services[dependency], (
+                    f"{name} waits for {dependency}, which has no healthcheck"
+                )
 
 
 # ---- mounted config -----------------------------------------------------------------------
@@ -409,7 +546,9 @@ def test_compose_images_are_pinned(compose: dict) -> None:
             assert pinned(service["image"]), f"{name}: {service['image']} is not pinned"
 
 
-@pytest.mark.parametrize("path", [REPO / "Dockerfile", COMPOSE_DIR / "kafka.Dockerfile"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [REPO / "Dockerfile", COMPOSE_DIR / "kafka.Dockerfile"], ids=lambda p: p.name
+)
 def test_images_run_as_a_non_root_user(path: Path) -> None:
     instructions = dockerfile(path)
     last_stage = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM")
@@ -442,4 +581,6 @@ def test_pinned_versions_match_the_native_stack(compose: dict) -> None:
     assert all(f":{make_var('SPIRE_VERSION')} " in a + " " for a in spire), "spire.Dockerfile's SPIRE differs"
     kafka_version = re.search(r"<kafka.version>([^<]+)<", pom).group(1)
     froms = [a for i, a in dockerfile(COMPOSE_DIR / "kafka.Dockerfile") if i == "FROM"]
-    assert f"apache/kafka:{kafka_version}" in froms, f"the broker image is not Kafka {kafka_version} (pom.xml)"
+    assert f"apache/kafka:{kafka_version}" in froms, (
+        f"the broker image is not Kafka {kafka_version} (pom.xml)"
+    )

@@ -10,7 +10,14 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy.local import devca
-from services.common.identity import IdentityError, identity_name, load_identity, spiffe_ids_of
+from services.common.identity import (
+    IdentityError,
+    X509Identity,
+    follow,
+    identity_name,
+    load_identity,
+    spiffe_ids_of,
+)
 from services.common.kafka import client_config
 
 INGESTER = "spiffe://pipeline.local/service/ingester"
@@ -103,3 +110,39 @@ def test_kafka_client_config_is_mtls_with_host_verification(
     assert config["ssl.key.pem"] == (tmp_path / "service-ingester" / "key.pem").read_text()
     assert config["ssl.ca.pem"] == ca.bundle_pem.decode()
     assert config["acks"] == "all"
+
+
+def test_follow_hands_over_the_identity_at_start_and_after_each_renewal(
+    ca: devca.CertificateAuthority, tmp_path: Path
+) -> None:
+    """What the SVID sidecars and KEDA's Secret sidecar build on: one call now, none while
+    the SVID stays, one per renewal, until stopped."""
+    devca.write_identity(tmp_path / "a", ca, INGESTER)
+    devca.write_identity(tmp_path / "b", ca, INGESTER)
+    first, renewed = (
+        load_identity(tmp_path / "a", "service-ingester"),
+        load_identity(tmp_path / "b", "service-ingester"),
+    )
+
+    class Source:
+        generation, identity = 1, first
+
+        def current(self) -> X509Identity:
+            return self.identity
+
+        def close(self) -> None: ...
+
+    source, polls, seen = Source(), [], []
+
+    class Stop:
+        def is_set(self) -> bool:
+            return len(polls) >= 4
+
+        def wait(self, seconds: float) -> bool:
+            polls.append(seconds)
+            if len(polls) == 2:
+                source.generation, source.identity = 2, renewed
+            return self.is_set()
+
+    follow(source, seen.append, Stop())  # type: ignore[arg-type]
+    assert seen == [first, renewed] and polls == [1.0] * 4

@@ -18,13 +18,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
+from deploy.compose.bootstrap import SetupSettings
 from deploy.k8s import generate, schemas
 from deploy.local.spire_stack import ENTRIES_FILE
 from deploy.local.stack import LAG_EXPORTER_IDENTITY, SERVICES, Stack
 from services.common.identity import spiffe_id_of
 from services.common.topology import STAGES, all_topics, group_id
-from tests.unit.test_compose import ONLY_COMPOSE, ONLY_NATIVE, SETTINGS, env_names, native_service_env
+from services.lag_exporter.keda_secret import SERVICE_ACCOUNT_DIR, KedaSecretSettings
+from tests.unit.test_compose import (
+    COMPOSE_FILE,
+    ONLY_COMPOSE,
+    ONLY_NATIVE,
+    SETTINGS,
+    env_names,
+    native_service_env,
+    required_env_names,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -106,8 +117,8 @@ def one(documents: list[dict], kind: str, name: str) -> dict:
 
 
 def pod_specs(documents: list[dict]) -> dict[str, dict]:
-    """name -> pod template of every Deployment, StatefulSet and DaemonSet."""
-    kinds = ("Deployment", "StatefulSet", "DaemonSet")
+    """name -> pod template of every Deployment, StatefulSet, DaemonSet and Job."""
+    kinds = ("Deployment", "StatefulSet", "DaemonSet", "Job")
     return {d["metadata"]["name"]: d["spec"]["template"] for d in documents if d["kind"] in kinds}
 
 
@@ -156,7 +167,10 @@ def test_rendered_manifests_validate_against_kubernetes_and_crd_schemas(
     # to be had here (deploy/k8s/schemas.py): none without one.
     strimzi = sum(d["kind"] in schemas.STRIMZI_KINDS for d in docs[overlay])
     assert report["summary"] == {
-        "valid": len(docs[overlay]) - strimzi, "invalid": 0, "errors": 0, "skipped": strimzi
+        "valid": len(docs[overlay]) - strimzi,
+        "invalid": 0,
+        "errors": 0,
+        "skipped": strimzi,
     }
     kinds = {d["kind"] for d in docs[overlay]}
     assert {
@@ -180,6 +194,8 @@ def test_rendered_manifests_validate_against_kubernetes_and_crd_schemas(
         ("NetworkPolicy", "default-deny", lambda d: d["spec"].update(podSelector="all")),
         ("ScaledObject", "processor", lambda d: d["spec"].update(maxReplicaCount="six")),
         ("TriggerAuthentication", "kafka-tls", lambda d: d["spec"].update(secretRef=[])),
+        ("Job", "pipeline-setup", lambda d: d["spec"].update(backoffLimit="four")),
+        ("Role", "keda-secret-writer", lambda d: d["rules"][0].update(verb=["patch"])),
         ("PrometheusRule", "pipeline-alerts", lambda d: d["spec"]["groups"][0].update(rulez=[])),
     ],
 )
@@ -331,7 +347,7 @@ def test_every_native_identity_is_registered_for_a_service_account(base: list[di
     assert set(entries) == set(json.loads(ENTRIES_FILE.read_text())["entries"])
     accounts = set(of_kind(base, "ServiceAccount"))
     # Made by Strimzi (the brokers'), or by what this slice does not run (README, "Not here").
-    elsewhere = {f"{generate.KAFKA_CLUSTER}-kafka", "elasticsearch", "pipeline-setup"}
+    elsewhere = {f"{generate.KAFKA_CLUSTER}-kafka", "elasticsearch"}
     assert set(entries.values()) - accounts == elsewhere
     register = (K8S / "base" / "spire" / "register.sh").read_text()
     assert (
@@ -358,6 +374,7 @@ def test_each_workload_asks_for_the_identity_registered_for_its_account(base: li
     expected = {name: spiffe_id_of(identity) for name, identity in SERVICES.items()}
     expected["lag-exporter"] = spiffe_id_of(LAG_EXPORTER_IDENTITY)
     expected["opa"] = "spiffe://pipeline.local/control/opa"
+    expected["pipeline-setup"] = spiffe_id_of("admin-bootstrap")  # compose's setup, natively the operator's
     for name, spiffe_id in expected.items():
         assert asked.get(name) == spiffe_id, f"{name} runs as {asked.get(name)}, natively {spiffe_id}"
     assert (
@@ -388,7 +405,9 @@ def test_the_workload_api_comes_from_the_spiffe_csi_driver(base: list[dict]) -> 
             mount = next(m for m in container["volumeMounts"] if m["mountPath"] == SOCKET_DIR)
             assert mount.get("readOnly") is True
             assert volumes[mount["name"]].get("csi") == {"driver": "csi.spiffe.io", "readOnly": True}, name
-    assert users >= 7  # the three services, the lag exporter, pipectl, OPA's sidecar, the brokers
+    # The three services, the lag exporter and its KEDA sidecar, pipectl, OPA's sidecar, the
+    # setup Job, the brokers.
+    assert users >= 9
     for name, pod in pod_specs(base).items():
         if name not in ("spire-agent", "spiffe-csi-driver"):
             assert not any("hostPath" in v for v in pod["spec"].get("volumes", [])), (
@@ -425,11 +444,129 @@ def test_every_setting_is_read_by_that_program(base: list[dict], native: Stack) 
         )
 
 
+def test_the_setup_job_gets_what_setup_reads(base: list[dict]) -> None:
+    """The Job runs compose's setup program (deploy/compose/bootstrap.py) with the names
+    compose gives it (but Grafana's password, only checked there), each read by SetupSettings,
+    every required one given, the addresses as values and the passwords from Secrets."""
+    job = one(base, "Job", "pipeline-setup")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == yaml.safe_load(COMPOSE_FILE.read_text())["services"]["setup"]["command"]
+    env = {e["name"]: e for e in container["env"]}
+    assert set(env) - env_names(SetupSettings) == set(), "the Job sets variables setup does not read"
+    assert required_env_names(SetupSettings) - set(env) == set(), "the Job lacks settings setup needs"
+    compose_setup = set(yaml.safe_load(COMPOSE_FILE.read_text())["services"]["setup"]["environment"])
+    assert set(env) == compose_setup - {"GRAFANA_ADMIN_PASSWORD"}
+    secrets = {
+        str(f.validation_alias.choices[0])
+        for f in SetupSettings.model_fields.values()
+        if f.annotation is SecretStr or f.annotation == SecretStr | None
+    }
+    for name, var in env.items():
+        from_secret = "secretKeyRef" in var.get("valueFrom", {})
+        assert from_secret == (name in secrets), (
+            f"{name}: {'a literal' if name in secrets else 'from a Secret'}"
+        )
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never" and 0 < spec["backoffLimit"] <= 6
+    assert spec["template"]["spec"]["serviceAccountName"] == generate.SERVICE_ACCOUNTS["admin/bootstrap"]
+
+
+def test_the_keda_sidecar_gets_what_it_reads(base: list[dict]) -> None:
+    pod = one(base, "Deployment", "lag-exporter")["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["containers"] if c["name"] == "keda-secret")
+    assert sidecar["command"][-1] == "services.lag_exporter.keda_secret"
+    env = container_env(sidecar)
+    # KUBERNETES_SERVICE_HOST/_PORT: set by the kubelet in every pod.
+    assert set(env) | {"KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"} == env_names(
+        KedaSecretSettings
+    ) - {"PIPELINE_TRUST_DOMAIN"}
+    assert required_env_names(KedaSecretSettings) - set(env) == {
+        "KUBERNETES_SERVICE_HOST",
+        "KUBERNETES_SERVICE_PORT",
+    }
+    assert env["PIPELINE_KEDA_SECRET_NAME"] == generate.KEDA_TLS_SECRET
+    assert spiffe_id_of(env["PIPELINE_IDENTITY"]) == spiffe_id_of(LAG_EXPORTER_IDENTITY)
+
+
+def test_secrets_come_from_the_secrets_the_readme_lists(base: list[dict]) -> None:
+    """Every Secret a pod reads is one the operator is told to make (README, Prerequisites)."""
+    readme = (K8S / "README.md").read_text()
+    prerequisites = readme[readme.index("## Prerequisites") : readme.index("## Commands")]
+    listed = set()
+    for token in re.findall(r"`([a-z0-9{},-]+)`", prerequisites):
+        head, _, rest = token.partition("{")
+        choices, _, tail = rest.partition("}")
+        listed |= {head + c + tail for c in choices.split(",")} if rest else {token}
+    refs = {
+        env["valueFrom"]["secretKeyRef"]["name"]
+        for pod in pod_specs(base).values()
+        for container in pod["spec"]["containers"]
+        for env in container.get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
+    assert refs and refs - listed == set(), f"not in README's Prerequisites: {sorted(refs - listed)}"
+    assert generate.KEDA_TLS_SECRET in listed
+
+
+def test_only_the_keda_sidecar_may_write_and_only_keda_s_secret(base: list[dict]) -> None:
+    """Role keda-secret-writer: get and patch on that one Secret, bound to the lag exporter's
+    service account alone; its token is mounted into the sidecar alone (no automount)."""
+    role = one(base, "Role", "keda-secret-writer")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [generate.KEDA_TLS_SECRET],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    bindings = [
+        b for b in of_kind(base, "RoleBinding").values() if b["roleRef"]["name"] == "keda-secret-writer"
+    ]
+    (binding,) = bindings
+    assert binding["roleRef"]["kind"] == "Role"
+    pod = one(base, "Deployment", "lag-exporter")["spec"]["template"]["spec"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": generate.NAMESPACE}
+    ]
+    assert pod["automountServiceAccountToken"] is False
+    assert one(base, "ServiceAccount", "lag-exporter")["automountServiceAccountToken"] is False
+    token_volumes = {
+        v["name"]
+        for v in pod["volumes"]
+        if any("serviceAccountToken" in source for source in v.get("projected", {}).get("sources", []))
+    }
+    mounting = {
+        c["name"]: m["mountPath"]
+        for c in pod["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] in token_volumes
+    }
+    assert mounting == {"keda-secret": str(SERVICE_ACCOUNT_DIR)}
+
+
+def test_pods_but_spire_s_node_parts_meet_pod_security_restricted(base: list[dict]) -> None:
+    """The namespace enforces only `privileged` (README, "Not here"): each pod of ours, the
+    setup Job and the sidecars included, is held to `restricted` here instead."""
+    for name, pod in pod_specs(base).items():
+        if name in ("spire-agent", "spiffe-csi-driver"):
+            continue
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, f"{name}/{container['name']}"
+            assert context["capabilities"]["drop"] == ["ALL"], f"{name}/{container['name']}"
+            assert context["readOnlyRootFilesystem"] is True, f"{name}/{container['name']}"
+
+
 def test_no_secret_is_written_into_a_manifest(base: list[dict]) -> None:
     for name, pod in pod_specs(base).items():
         for container in pod["spec"]["containers"]:
             for env in container.get("env", []):
-                if re.search(r"PASSWORD|SECRET|_KEY$|DSN", env["name"]):
+                # A Secret's name (PIPELINE_KEDA_SECRET_NAME) is no secret.
+                if re.search(r"PASSWORD|SECRET|_KEY$|DSN", env["name"]) and not env["name"].endswith("_NAME"):
                     assert "secretKeyRef" in env.get("valueFrom", {}), f"{name}: {env['name']} is a literal"
     assert not of_kind(base, "Secret"), "Secrets are made by the operator (README, Prerequisites)"
 
@@ -516,7 +653,10 @@ OTHER_PODS = {
 # Who may open a connection to whom (egress, in this namespace), and nothing else. "*" is
 # outside the namespace: the Kubernetes API, kubelets, DNS.
 EXPECTED_EGRESS = {
-    *{(s, "kafka", 9093) for s in ("ingester", "processor", "storage", "lag-exporter", "pipectl")},
+    *{
+        (s, "kafka", 9093)
+        for s in ("ingester", "processor", "storage", "lag-exporter", "pipectl", "pipeline-setup")
+    },
     *{
         (s, dst, port)
         for s in ("ingester", "processor", "storage")
@@ -526,6 +666,14 @@ EXPECTED_EGRESS = {
     ("storage", "elasticsearch", 9200),
     *{("pipectl", dst, port) for dst, port in (("postgres", 5432), ("s3", 9000), ("elasticsearch", 9200))},
     *{("pipectl", s, 8080) for s in ("ingester", "processor", "storage")},
+    # The setup Job: the stores it prepares (the broker above); not OPA, which it never asks.
+    *{
+        ("pipeline-setup", dst, port)
+        for dst, port in (("postgres", 5432), ("s3", 9000), ("elasticsearch", 9200))
+    },
+    # The lag exporter's KEDA sidecar: the Kubernetes API (its Secret).
+    ("lag-exporter", "*", 443),
+    ("lag-exporter", "*", 6443),
     *{("kafka", "kafka", port) for port in (9090, 9091, 9093)},
     ("kafka", "opa", 8181),
     ("entity-operator", "kafka", 9091),
@@ -594,7 +742,7 @@ def test_opa_and_kafka_admit_only_their_clients(base: list[dict]) -> None:
     clients = {
         pod for pod, lab in labels.items() if selects(listener["networkPolicyPeers"][0]["podSelector"], lab)
     }
-    assert clients == {"ingester", "processor", "storage", "lag-exporter", "pipectl"}
+    assert clients == {"ingester", "processor", "storage", "lag-exporter", "pipectl", "pipeline-setup"}
     # Prometheus (namespace monitoring) reaches the metrics ports.
     metrics = one(base, "NetworkPolicy", "metrics-ingress")["spec"]["ingress"][0]
     assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {
