@@ -37,4 +37,7 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # HTTP clients log every request at INFO: a line per OPA call or Elasticsearch bulk
+    # request, thousands a minute under load. Their warnings and errors still show.
+    for noisy in ("httpx", "elastic_transport"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
