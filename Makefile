@@ -30,6 +30,8 @@ JAEGER_BIN := $(PIPELINE_CACHE)/jaeger-$(JAEGER_VERSION)/bin
 # The lag view's charting library (uPlot, pinned in deploy/local/console/package-lock.json):
 # Prometheus serves deploy/local/console/, node_modules/ included, at /user/.
 CONSOLE_MODULES := deploy/local/console/node_modules/.package-lock.json
+# Validators generated from Strimzi's CRD schemas (deploy/k8s/strimzi/validate.mjs).
+STRIMZI_MODELS := deploy/k8s/strimzi/node_modules/.package-lock.json
 # Kubernetes (deploy/k8s/): Kustomize renders it, kubeconform validates what it renders
 # (tests/unit/test_k8s.py), both from their Go modules into the cache. kustomize v5.8.3 needs
 # Go 1.27; v5.8.1 builds with the Go here. Measured 2026-12-02: ~15 s and ~10 s.
@@ -119,7 +121,11 @@ $(KUSTOMIZE_BIN):
 $(KUBECONFORM_BIN):
 	GOBIN=$(dir $@) GOFLAGS=-mod=mod go install github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION)
 
-k8s-tools: $(KUSTOMIZE_BIN) $(KUBECONFORM_BIN)
+k8s-tools: $(KUSTOMIZE_BIN) $(KUBECONFORM_BIN) $(STRIMZI_MODELS)
+
+$(STRIMZI_MODELS): deploy/k8s/strimzi/package-lock.json
+	cd deploy/k8s/strimzi && npm ci --no-audit --no-fund
+	@touch $@
 
 $(COMPOSE_CONFIG_BIN): deploy/compose/loader/go.mod deploy/compose/loader/go.sum deploy/compose/loader/main.go
 	cd deploy/compose/loader && GOFLAGS=-mod=mod go build -o $@ .

@@ -9,12 +9,14 @@ unless the CRD preserves them):
 - KEDA (ScaledObject, TriggerAuthentication): its Go module github.com/kedacore/keda/v2,
   config/crd/bases/, from the Go module proxy (`go mod download`, Go's module cache).
 - Prometheus operator (PrometheusRule, PodMonitor): its Go module, example/prometheus-operator-crd/.
-- Strimzi (Kafka, KafkaNodePool, KafkaTopic): NOT validated against a schema. Strimzi is
-  Java and publishes no CRD file to a registry reachable here (its io.strimzi:api jar on
-  Maven Central has the model classes, not the generated CRDs; the Go proxy refuses the
-  repository), and copying them from its repository into ours is not done. kubeconform skips
-  these kinds (STRIMZI_KINDS); tests/unit/test_k8s.py checks their fields that matter
-  (listeners, authorizer, topics) directly.
+- Strimzi (Kafka, KafkaNodePool, KafkaTopic): no CRD file is published to a registry
+  reachable here (its io.strimzi:api jar on Maven Central has the model classes, not the
+  generated CRDs; the Go proxy refuses the repository), so kubeconform skips these kinds
+  (STRIMZI_KINDS). They are validated instead by deploy/k8s/strimzi/validate.mjs, with the
+  validators the npm package @kubernetes-models/strimzi-kafka-operator generates from
+  Strimzi's CRD schemas (types, enums, required fields; unknown fields are not refused,
+  as the API server prunes them), and tests/unit/test_k8s.py checks their fields that
+  matter (listeners, authorizer, topics) directly.
 
 The Kubernetes resources' own schemas come from the kubernetes-validate package (PyPI),
 which bundles them per Kubernetes version (kubernetes_schema_dir()).

@@ -163,8 +163,8 @@ def test_rendered_manifests_validate_against_kubernetes_and_crd_schemas(
     report = kubeconform(schema_dir, rendered[overlay])
     bad = [f"{r['kind']} {r['name']}: {r['status']} {r.get('msg')}" for r in report["resources"]]
     assert bad == [], "\n".join(bad)
-    # Every document checked against a schema (-strict too) but Strimzi's, whose CRDs are not
-    # to be had here (deploy/k8s/schemas.py): none without one.
+    # Every document checked against a schema (-strict too) but Strimzi's, whose CRD files are
+    # not to be had here (deploy/k8s/schemas.py; validate.mjs checks those, below).
     strimzi = sum(d["kind"] in schemas.STRIMZI_KINDS for d in docs[overlay])
     assert report["summary"] == {
         "valid": len(docs[overlay]) - strimzi,
@@ -181,6 +181,44 @@ def test_rendered_manifests_validate_against_kubernetes_and_crd_schemas(
         "TriggerAuthentication",
         "PrometheusRule",
     } <= kinds
+
+
+def strimzi_validate(resources: list[dict]) -> tuple[int, list[dict]]:
+    """deploy/k8s/strimzi/validate.mjs over the resources: its exit status and its results."""
+    directory = K8S / "strimzi"
+    if not (directory / "node_modules").is_dir():
+        pytest.fail(f"{directory}/node_modules is missing: run `make k8s-tools`", pytrace=False)
+    result = subprocess.run(
+        ["node", "validate.mjs"], input=json.dumps(resources), capture_output=True, text=True,
+        check=False, cwd=directory,
+    )  # fmt: skip
+    assert not result.stderr, result.stderr
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_strimzi_resources_validate_against_strimzis_crd_schemas(
+    overlay: str, docs: dict[str, list[dict]]
+) -> None:
+    strimzi = [d for d in docs[overlay] if d["kind"] in schemas.STRIMZI_KINDS]
+    code, results = strimzi_validate(strimzi)
+    assert [r for r in results if r["errors"]] == [] and code == 0
+    assert [(r["kind"], r["name"]) for r in results] == [(d["kind"], d["metadata"]["name"]) for d in strimzi]
+    assert {r["kind"] for r in results} == set(schemas.STRIMZI_KINDS)
+
+
+def test_the_strimzi_validator_refuses_a_broken_resource(docs: dict[str, list[dict]]) -> None:
+    kafka = json.loads(json.dumps(next(d for d in docs["dev"] if d["kind"] == "Kafka")))
+    listener = kafka["spec"]["kafka"]["listeners"][0]
+    listener["tls"] = "yes"
+    del listener["port"]
+    topic = json.loads(json.dumps(next(d for d in docs["dev"] if d["kind"] == "KafkaTopic")))
+    topic["spec"]["partitions"] = "six"
+    code, (kafka_result, topic_result) = strimzi_validate([kafka, topic])
+    assert code == 1
+    assert "tls must be boolean" in kafka_result["errors"][0]
+    assert "must have required property port" in kafka_result["errors"][0]
+    assert "partitions must be integer" in topic_result["errors"][0]
 
 
 @pytest.mark.parametrize(
