@@ -23,13 +23,13 @@ itself cannot read those files: it refuses paths outside a kustomization's direc
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import yaml
 
+from deploy.generated import write_or_check
 from deploy.local.spire_stack import TRUST_DOMAIN, entries_elsewhere
 from services.common.topology import (
     INGESTER,
@@ -297,23 +297,7 @@ def outputs() -> dict[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if a generated file is stale")
-    args = parser.parse_args(argv)
-    stale = []
-    for path, text in outputs().items():
-        if path.is_file() and path.read_text() == text:
-            continue
-        if args.check:
-            stale.append(str(path.relative_to(REPO)))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path.relative_to(REPO)}")
-    if stale:
-        print(f"stale: {', '.join(stale)}; run python -m deploy.k8s.generate", file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(outputs(), argv, __doc__.splitlines()[0], "python -m deploy.k8s.generate")
 
 
 if __name__ == "__main__":
