@@ -170,7 +170,11 @@ class SecretClient:
                 f"{what}: the API server at {self.client.base_url} did not answer: {e!r}"
             ) from e
         if response.is_success:
-            return response.json()
+            # The body only confirms; one a proxy made unreadable is no reason to stop.
+            try:
+                return response.json()
+            except ValueError:
+                return {}
         reason = _status_message(response)
         if response.status_code == 429 or response.status_code >= 500:
             raise ApiUnavailable(f"{what}: {response.status_code} {reason}")

@@ -240,3 +240,14 @@ def test_settings_name_what_is_missing_and_find_the_api_server(
     secret = SecretClient.in_cluster(settings, tmp_path)
     assert (secret.namespace, secret.path) == ("pipeline", SECRET_PATH)
     assert (secret.client.base_url.host, secret.client.base_url.port) == ("fd00::1", 6443)
+
+
+def test_a_yes_with_an_unreadable_body_is_still_a_yes(token: Path) -> None:
+    # A proxy in front of the API server may answer 200 with a page of its own.
+    http = httpx.Client(
+        base_url=API,
+        transport=httpx.MockTransport(lambda _: httpx.Response(200, text="<html>ok</html>")),
+        auth=ServiceAccountToken(token),
+    )
+    secret = SecretClient(http, "pipeline", generate.KEDA_TLS_SECRET)
+    assert secret.get() == {} and secret.patch({"tls": "ZW5hYmxl"}) == {}

@@ -15,6 +15,10 @@ for (const doc of docs) {
   const name = doc.metadata?.name;
   let errors = [];
   try {
+    // The module path is built from the document: plain names only, no path tricks.
+    if (![group, version, doc.kind].every((part) => /^[A-Za-z0-9.]+$/.test(part ?? "") && !part.includes(".."))) {
+      throw new Error(`not a Strimzi resource: ${doc.apiVersion} ${doc.kind}`);
+    }
     const module = await import(`@kubernetes-models/strimzi-kafka-operator/${group}/${version}/${doc.kind}`);
     new module[doc.kind](doc).validate();
   } catch (error) {
