@@ -29,6 +29,7 @@ from services.cli.generate import generate_events
 from services.common.avro import AvroSerde, SchemaStore, micros
 from services.common.policy_input import case_of, policy_header
 from services.common.topology import PROCESSED, PROCESSED_EVENT, VALIDATED_EVENT
+from services.common.tracing import TRACEPARENT, StageTracer
 from services.ingester.validation import RawEvent, validate
 from services.processor.enrichment import User
 from services.processor.service import processed_record
@@ -84,7 +85,9 @@ def processed_messages(n: int, store: SchemaStore) -> list[Message]:
         }  # fmt: skip
         record = processed_record(as_micros.decode(validated.encode(datum)), USER, 1, micros(now))
         value = processed.encode(record)
-        messages.append(Message(0, len(messages), value, [policy_header(record)]))
+        # As the processor writes them: an unsampled traceparent (the usual 99%) and the policy input.
+        traceparent = b"00-%032x-%016x-00" % (len(messages) + 1, len(messages) + 1)
+        messages.append(Message(0, len(messages), value, [(TRACEPARENT, traceparent), policy_header(record)]))
     return messages
 
 
@@ -162,9 +165,11 @@ def main() -> None:
     forwarder = AnalyticsForwarder(store, opa=None, waiter=None)  # type: ignore[arg-type]
     search_sink = search.SearchSink("http://127.0.0.1:1")
     stored_at = micros(datetime.now(UTC))
+    tracer = StageTracer("storage-postgres")
     results = {
         "decode, timestamps as datetimes": lambda: [datetime_serde.decode(m.value()) for m in messages],
         "decode, timestamps as integers": lambda: [sink_serde.decode(m.value()) for m in messages],
+        "trace: each record's context": lambda: tracer.batch(messages),
         "policy case from headers": lambda: [policy_case(m, None) for m in messages],
         "policy case from the record": lambda: [case_of(e.record) for e in events],
         "analytics: values checked": lambda: [forwarder.checked(m) for m in messages],

@@ -20,7 +20,9 @@ unit test compares them), for 1 to 2.5 µs: a record without trace headers (the 
 asked about the trace id the SDK's generator drew) and a record with one canonical
 `traceparent` whose sampled flag is clear (the ParentBased rule: not sampled). Everything
 else (sampled records, another version, `tracestate`, garbage) goes through the SDK's
-propagator and tracer. A sampled record costs about 90 µs: 40 for its span, 45 to encode it
+propagator and tracer. The unsampled child of a traceparent is made only when an output
+asks for it: a sink's records have none unless dead-lettered (0.6 instead of 1.8 µs per
+record and sink). A sampled record costs about 90 µs: 40 for its span, 45 to encode it
 for export (the Python SDK's price), hence the low default ratio.
 """
 
@@ -223,9 +225,12 @@ class StageTracer:
     def batch(self, records: Iterable[Record] = ()) -> BatchTrace:
         return BatchTrace(self, records)
 
-    def continue_trace(self, record: Record, started: int) -> tuple[Headers, Span | None]:
+    def continue_trace(self, record: Record, started: int) -> tuple[Headers | bytes, Span | None]:
         """The headers that continue `record`'s trace in its outputs, and its span if it is
-        sampled (started at `started`, ns since the epoch)."""
+        sampled (started at `started`, ns since the epoch). For a record whose one canonical
+        traceparent is not sampled (nearly every record after the ingester), that traceparent
+        instead: its child is unsampled too, and costs a span id, so it is made only when an
+        output asks for it (child_headers); a sink's records mostly have no output."""
         try:
             headers = record.headers() or ()
         except (UnicodeError, ValueError, TypeError):  # header names that are not UTF-8
@@ -245,8 +250,7 @@ class StageTracer:
                 span_id = self.ids.generate_span_id()
                 return [(TRACEPARENT, b"00-%032x-%016x-%02x" % (root_id, span_id, _RANDOM_TRACE_ID))], None
         elif plain and traceparent is not None and _UNSAMPLED_PARENT.fullmatch(traceparent):
-            child = b"%016x" % self.ids.generate_span_id()
-            return [(TRACEPARENT, traceparent[:36] + child + traceparent[52:])], None
+            return traceparent, None
 
         # The SDK's way; an invalid traceparent leaves the root context: a new trace.
         parent = _PROPAGATOR.extract(headers, _ROOT, _HEADERS)  # type: ignore[arg-type]
@@ -261,6 +265,11 @@ class StageTracer:
             return carrier, None
         span.set_attributes(_record_attributes(record))
         return carrier, span
+
+    def child_headers(self, traceparent: bytes) -> Headers:
+        """The headers continuing an unsampled parent's trace (continue_trace's bytes)."""
+        child = b"%016x" % self.ids.generate_span_id()
+        return [(TRACEPARENT, traceparent[:36] + child + traceparent[52:])]
 
 
 def _record_attributes(record: Record) -> dict[str, AttributeValue]:
@@ -282,7 +291,8 @@ class BatchTrace:
         self.started = time.time_ns()
         self.attributes: dict[str, AttributeValue] = {}
         self._records: list[Record] = []  # held, so that no other record can take one's id
-        self._headers: dict[int, Headers] = {}
+        # Each record's output headers, or its unsampled parent's traceparent until asked.
+        self._headers: dict[int, Headers | bytes] = {}
         self._spans: dict[int, Span] = {}  # the sampled records' only
         for record in records:
             self.add(record)
@@ -298,7 +308,10 @@ class BatchTrace:
         """The trace headers for `record`'s output (a fresh list: the caller may add to it)."""
         if id(record) not in self._headers:
             self.add(record)
-        return list(self._headers[id(record)])
+        headers = self._headers[id(record)]
+        if isinstance(headers, bytes):
+            headers = self._headers[id(record)] = self.stage.child_headers(headers)
+        return list(headers)
 
     def trace_id(self, record: Record) -> str:
         return trace_id_of(self.headers(record)[0][1])

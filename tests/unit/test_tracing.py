@@ -304,6 +304,25 @@ def test_the_cheap_path_continues_a_trace_as_the_sdk_would(
     assert spans.get_finished_spans() == ()
 
 
+def test_an_unsampled_records_context_is_made_once_when_first_asked(spans: InMemorySpanExporter) -> None:
+    # A sink's records have no output: their child context is made only for a dead letter,
+    # and then it is the same context for its headers and the envelope's trace id.
+    record = FakeMessage(PROCESSED, 0, 0, headers=[(TRACEPARENT, UNSAMPLED)])
+    tracer = tracing.StageTracer("storage-postgres")
+    with tracer.batch([record]) as trace:
+        first = trace.headers(record)
+        assert trace.headers(record) == first and trace.trace_id(record) == TRACE_ID
+        first.append(("extra", b"the caller's to add to"))
+        assert len(trace.headers(record)) == 1
+    assert span_id_of(first[0][1].decode()) != PARENT_ID
+    # Another batch (a retry) continues the parent with a span id of its own.
+    with tracer.batch([record]) as again:
+        assert span_id_of(again.headers(record)[0][1].decode()) not in (
+            PARENT_ID,
+            span_id_of(first[0][1].decode()),
+        )
+
+
 @pytest.fixture
 def half() -> Iterator[InMemorySpanExporter]:
     yield from _traced(0.5)
