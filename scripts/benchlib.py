@@ -129,20 +129,60 @@ def tree_cpu_seconds(root: int | None, procs: Mapping[int, ProcStat] | None = No
     a wait), and (rarely) a child reaped between reading it and reading its parent.
     `procs`: one process_table() to read several trees at one instant.
     """
-    if root is None:
-        return 0.0
     procs = process_table() if procs is None else procs
-    if root not in procs:
-        return 0.0
+    return sum(procs[pid].own + procs[pid].reaped for pid in tree_pids(root, procs))
+
+
+def tree_pids(root: int | None, procs: Mapping[int, ProcStat]) -> list[int]:
+    """`root` and its descendants in `procs`."""
+    if root is None or root not in procs:
+        return []
     children: dict[int, list[int]] = {}
     for stat in procs.values():
         children.setdefault(stat.ppid, []).append(stat.pid)
-    total, todo = 0.0, [root]
+    pids, todo = [], [root]
     while todo:
-        stat = procs[todo.pop()]
-        total += stat.own + stat.reaped
-        todo.extend(children.get(stat.pid, ()))
-    return total
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, ()))
+    return pids
+
+
+# HotSpot's own threads by what they do, by name (/proc/<pid>/task/*/comm, 15 characters at
+# most): its JIT compilers ("C2 CompilerThre"), and G1's collector threads ("GC Thread#0",
+# "G1 Conc#0", "G1 Refine#0", "G1 Main Marker", "G1 Service"). On 2 cores a JVM has one C1
+# and one C2 compiler thread and never adds or removes any (CICompilerCount 2), so their time
+# is all here; the collector's threads live as long as the JVM.
+JVM_THREAD_KINDS = {
+    "JIT compilation": ("C1 CompilerThre", "C2 CompilerThre"),
+    "garbage collection": ("GC Thread", "G1 "),
+}
+
+
+def jvm_thread_cpu_seconds(root: int | None, procs: Mapping[int, ProcStat]) -> dict[str, float]:
+    """CPU seconds so far of the JIT compiler and garbage collector threads of every process in
+    `root`'s tree (Elasticsearch's server JVM runs under a launcher JVM), by JVM_THREAD_KINDS."""
+    seconds = dict.fromkeys(JVM_THREAD_KINDS, 0.0)
+    for pid in tree_pids(root, procs):
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:  # exited
+            continue
+        for task in tasks:
+            try:
+                name = (task / "comm").read_text().strip()
+                stat = parse_stat((task / "stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue
+            kind = jvm_thread_kind(name)
+            if kind is not None:
+                seconds[kind] += stat.own
+    return seconds
+
+
+def jvm_thread_kind(name: str) -> str | None:
+    """The JVM_THREAD_KINDS entry a thread of this name belongs to, if any."""
+    return next((kind for kind, prefixes in JVM_THREAD_KINDS.items() if name.startswith(prefixes)), None)
 
 
 def cpu_us_per_event(work: Callable[[], object], events: int, repeat: int = 5) -> float:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from scripts.benchlib import CLK, ProcStat, parse_stat, process_table, tree_cpu_seconds
+from deploy.local import tools
+from scripts.benchlib import (
+    CLK,
+    JVM_THREAD_KINDS,
+    ProcStat,
+    jvm_thread_cpu_seconds,
+    jvm_thread_kind,
+    parse_stat,
+    process_table,
+    tree_cpu_seconds,
+)
 
 
 def stat(pid: int, ppid: int, own: float, reaped: float = 0.0) -> ProcStat:
@@ -53,3 +66,35 @@ def test_a_real_child_that_exits_is_still_counted() -> None:
     me = process_table()[os.getpid()]
     assert me.reaped >= 0.25
     assert tree_cpu_seconds(os.getpid()) >= me.own + me.reaped
+
+
+def test_jvm_threads_are_told_apart_by_name() -> None:
+    assert jvm_thread_kind("C2 CompilerThre") == jvm_thread_kind("C1 CompilerThre") == "JIT compilation"
+    assert jvm_thread_kind("GC Thread#1") == jvm_thread_kind("G1 Refine#0") == "garbage collection"
+    assert jvm_thread_kind("G1 Main Marker") == "garbage collection"
+    for name in ("java", "kafka-request-h", "elasticsearch[", "VM Thread", "data-plane-kafk"):
+        assert jvm_thread_kind(name) is None
+
+
+def test_the_stacks_jvm_names_its_jit_and_gc_threads_as_expected(tmp_path: Path) -> None:
+    # The names are HotSpot's, not an API: a JDK that renamed them would hide the JIT's and
+    # the collector's CPU in the benchmark's table; this JDK is the one the stack runs.
+    (tmp_path / "Sleep.java").write_text(
+        "class Sleep { public static void main(String[] a) throws Exception { Thread.sleep(60000); } }"
+    )
+    jvm = subprocess.Popen([tools.java(), "-XX:+UseG1GC", str(tmp_path / "Sleep.java")], cwd=tmp_path)
+    try:
+        deadline, kinds = time.monotonic() + 60, set()
+        while kinds != set(JVM_THREAD_KINDS) and time.monotonic() < deadline:
+            names = []
+            for task in Path(f"/proc/{jvm.pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    names.append((task / "comm").read_text().strip())
+            kinds = {jvm_thread_kind(n) for n in names} - {None}
+            time.sleep(0.05)
+        assert kinds == set(JVM_THREAD_KINDS), names
+        seconds = jvm_thread_cpu_seconds(jvm.pid, process_table())
+        assert set(seconds) == set(JVM_THREAD_KINDS) and seconds["JIT compilation"] >= 0
+    finally:
+        jvm.kill()
+        jvm.wait()
