@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local.http_client import http
 from deploy.local.stack import SERVICES, Stack, free_ports
 from services.common.topology import STORAGE_STAGES, configured_sources, operator_group, raw_topic
 
@@ -339,9 +339,9 @@ def end_offsets(stack: Stack, topic: str) -> dict[int, int]:
 Sample = tuple[str, dict[str, str], float]  # metric name, labels, value
 
 
-def scrape(url: str, client: httpx.Client | None = None) -> list[Sample]:
+def scrape(url: str) -> list[Sample]:
     """Every sample a service exports on /metrics."""
-    text = (client or httpx).get(f"{url}/metrics", timeout=5).text
+    text = http().get(f"{url}/metrics", timeout=5).text
     return [
         (s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
     ]

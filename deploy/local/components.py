@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from deploy.local import tools
+from deploy.local.http_client import http
 from deploy.local.monitoring import jmx_agent_option
 from deploy.local.os_users import as_user, ensure_system_user, own_tree
 from deploy.local.processes import ManagedProcess, StackError, alive, wait_until
@@ -389,7 +390,7 @@ class PipelineService:
 
     def _get(self, path: str) -> bool:
         try:
-            return httpx.get(self.url + path, timeout=2).status_code == 200
+            return http().get(self.url + path, timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 

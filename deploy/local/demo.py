@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local.http_client import http
 from deploy.local.stack import DEFAULT_ROOT, Stack
 from services.cli.generate import generate_events
 from services.cli.produce import produce_records
@@ -42,7 +43,7 @@ def scrape(stack: Stack) -> Samples:
     instances of a service (each counts the partitions it owns)."""
     samples: Samples = Counter()
     for service in stack.instances.values():
-        text = httpx.get(f"{service.url}/metrics", timeout=5).text
+        text = http().get(f"{service.url}/metrics", timeout=5).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name.startswith("pipeline_") and s.name.endswith("_total"):

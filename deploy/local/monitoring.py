@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from deploy.local import tools
+from deploy.local.http_client import http
 from deploy.local.os_users import as_user, ensure_system_user, own_tree
 from deploy.local.processes import ManagedProcess, StackError
 
@@ -52,7 +53,7 @@ def jmx_agent_option(port: int) -> str:
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=2).status_code == 200
+        return http().get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -128,7 +129,7 @@ class PrometheusServer:
 
     def query(self, expr: str) -> list[dict]:
         """An instant query's result vector (tests, status)."""
-        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        response = http().get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
         response.raise_for_status()
         return response.json()["data"]["result"]
 

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from deploy.local import tools
+from deploy.local.http_client import http
 from deploy.local.processes import ManagedProcess, StackError
 
 CONFIG = tools.LOCAL / "jaeger" / "config.yaml"
@@ -55,7 +56,7 @@ class TraceBackend:
     def healthy(self) -> bool:
         """The query API answers, and the OTLP receiver takes connections."""
         try:
-            if httpx.get(f"{self.url}/api/v3/services", timeout=2).status_code != 200:
+            if http().get(f"{self.url}/api/v3/services", timeout=2).status_code != 200:
                 return False
             with socket.create_connection(("127.0.0.1", self.otlp_port), timeout=2):
                 return True
@@ -65,7 +66,7 @@ class TraceBackend:
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
         """The spans of one trace (32 hex digits) as OTLP JSON, each with its service's name
         as `service`; [] while Jaeger has none of it."""
-        response = httpx.get(f"{self.url}/api/v3/traces/{trace_id}", timeout=10)
+        response = http().get(f"{self.url}/api/v3/traces/{trace_id}", timeout=10)
         if response.status_code == 404:
             return []
         if response.status_code != 200:

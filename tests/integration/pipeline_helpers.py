@@ -8,9 +8,9 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from deploy.local.http_client import http
 from deploy.local.stack import Stack
 from services.cli.generate import GeneratedEvent
 from services.common.avro import AvroSerde, SchemaStore
@@ -150,7 +150,7 @@ class TopicReader:
 def metric(stack: Stack, service: str, name: str, **labels: str) -> float:
     """The current value of one Prometheus sample of a service (0 when not yet exported);
     `service` may name any instance of it (`ingester-2`: stack.instances)."""
-    text = httpx.get(f"{stack.instances[service].url}/metrics", timeout=5).text
+    text = http().get(f"{stack.instances[service].url}/metrics", timeout=5).text
     for line in text.splitlines():
         match = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
         if not match or match.group(1) != name:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import httpx
 
+from deploy.local.http_client import http
 from deploy.local.stack import Stack
 from tests.integration.kafka_helpers import eventually
 from tests.integration.pipeline_helpers import produce_events
@@ -19,7 +20,7 @@ from tests.integration.test_storage import wait_stored
 
 def readyz(stack: Stack, service: str) -> tuple[int, str]:
     try:
-        response = httpx.get(f"{stack.services[service].url}/readyz", timeout=5)
+        response = http().get(f"{stack.services[service].url}/readyz", timeout=5)
     except httpx.HTTPError as e:
         return 0, str(e)
     return response.status_code, response.text
@@ -48,7 +49,7 @@ def test_a_killed_service_is_restarted_by_its_supervisor_and_the_pipeline_drains
     assert processor["restarts"] >= 1 and processor["crash_looping"] is False
     assert processor["last_exit"].startswith("killed by SIGKILL")
     # Labelled `service`, which metric() takes as its own argument: read the line itself.
-    metrics = httpx.get(f"{service.url}/metrics", timeout=5).text
+    metrics = http().get(f"{service.url}/metrics", timeout=5).text
     exported = [line for line in metrics.splitlines() if line.startswith("pipeline_service_restarts{")]
     assert exported == [f'pipeline_service_restarts{{service="processor"}} {float(processor["restarts"])}']
 
