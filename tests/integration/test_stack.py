@@ -14,6 +14,7 @@ import asyncpg
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from deploy.local.components import KafkaBroker, OpaServer
+from deploy.local.processes import wait_until
 from deploy.local.search_server import READER_USER, WRITER_USER
 from deploy.local.stack import Stack
 from services.common.topology import (
@@ -151,10 +152,17 @@ def test_up_brings_existing_topics_settings_in_line(stack: Stack) -> None:
     )
     admin.incremental_alter_configs([resource])[resource].result()
 
+    def max_message_bytes() -> int:
+        current = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, VALIDATED)])
+        [entries] = [f.result() for f in current.values()]
+        return int(entries["max.message.bytes"].value)
+
+    # An altered config reaches the broker's answers a moment after the controller took it.
+    wait_until(lambda: max_message_bytes() == 1048588, timeout=30, what="the older setting in place")
     assert stack.align_topic_configs() == [f"{VALIDATED}: max.message.bytes={EVENT_RECORD_BYTES}"]
-    current = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, VALIDATED)])
-    [entries] = [f.result() for f in current.values()]
-    assert int(entries["max.message.bytes"].value) == EVENT_RECORD_BYTES
+    wait_until(
+        lambda: max_message_bytes() == EVENT_RECORD_BYTES, timeout=30, what="the setting brought in line"
+    )
     assert stack.align_topic_configs() == []  # idempotent: nothing left to change
 
 
