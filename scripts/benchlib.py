@@ -164,20 +164,26 @@ def jvm_thread_cpu_seconds(root: int | None, procs: Mapping[int, ProcStat]) -> d
     `root`'s tree (Elasticsearch's server JVM runs under a launcher JVM), by JVM_THREAD_KINDS."""
     seconds = dict.fromkeys(JVM_THREAD_KINDS, 0.0)
     for pid in tree_pids(root, procs):
-        try:
-            tasks = list(Path(f"/proc/{pid}/task").iterdir())
-        except OSError:  # exited
-            continue
-        for task in tasks:
-            try:
-                name = (task / "comm").read_text().strip()
-                stat = parse_stat((task / "stat").read_text())
-            except (OSError, ValueError, IndexError):
-                continue
+        for name, stat in threads(pid):
             kind = jvm_thread_kind(name)
             if kind is not None:
                 seconds[kind] += stat.own
     return seconds
+
+
+def threads(pid: int) -> list[tuple[str, ProcStat]]:
+    """Each thread of a process now, by name, with its CPU; none once the process is gone."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # exited
+        return []
+    found = []
+    for task in tasks:
+        try:
+            found.append(((task / "comm").read_text().strip(), parse_stat((task / "stat").read_text())))
+        except (OSError, ValueError, IndexError):  # the thread ended while we looked
+            continue
+    return found
 
 
 def jvm_thread_kind(name: str) -> str | None:

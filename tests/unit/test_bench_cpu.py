@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from scripts.benchlib import (
     jvm_thread_kind,
     parse_stat,
     process_table,
+    threads,
     tree_cpu_seconds,
 )
 
@@ -86,10 +86,7 @@ def test_the_stacks_jvm_names_its_jit_and_gc_threads_as_expected(tmp_path: Path)
     try:
         deadline, kinds = time.monotonic() + 60, set()
         while kinds != set(JVM_THREAD_KINDS) and time.monotonic() < deadline:
-            names = []
-            for task in Path(f"/proc/{jvm.pid}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    names.append((task / "comm").read_text().strip())
+            names = [name for name, _ in threads(jvm.pid)]
             kinds = {jvm_thread_kind(n) for n in names} - {None}
             time.sleep(0.05)
         assert kinds == set(JVM_THREAD_KINDS), names
