@@ -153,6 +153,7 @@ status: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-unit: $(VENV)/.installed k8s-tools compose-tools
 	$(PY) -m pytest tests/unit -q

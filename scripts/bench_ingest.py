@@ -93,7 +93,9 @@ class Message:
 class AllowKnown:
     """OPA's ingest policy, approximately: a source may emit the types the generator gives it."""
 
-    async def decide_distinct(self, policy: str, fields: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[dict]:
+    async def decide_distinct(
+        self, policy: str, fields: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> list[dict]:
         return [{"allow": event_type in SOURCE_EVENT_TYPES.get(source, ())} for source, event_type in rows]
 
     async def close(self) -> None:
@@ -158,7 +160,9 @@ def steps(n: int, repeat: int, traceparent: bytes | None) -> None:
     now = datetime.now(UTC)
     limits = ingester.limits
     checked = [(m, check(m.value(), limits, now)) for m in batch]
-    admitted = [Admitted(m, c, m.topic()[len("pipeline.raw.") :]) for m, c in checked if not isinstance(c, Rejection)]
+    admitted = [
+        Admitted(m, c, m.topic()[len("pipeline.raw.") :]) for m, c in checked if not isinstance(c, Rejection)
+    ]
     valid_values = [m.value() for m, _ in checked if not isinstance(_, Rejection)]
     fast = sum(accept_fast(v, limits, now) is not None for v in valid_values)
     now_us = micros(now)
@@ -167,7 +171,11 @@ def steps(n: int, repeat: int, traceparent: bytes | None) -> None:
     print(f"CPU µs per event (best of {repeat}):")
     rows = [
         ("validate (all events)", lambda: [validate(m.value(), limits, now) for m in batch], n),
-        ("validate (valid events)", lambda: [validate(v, limits, now) for v in valid_values], len(valid_values)),
+        (
+            "validate (valid events)",
+            lambda: [validate(v, limits, now) for v in valid_values],
+            len(valid_values),
+        ),
         ("check (all events)", lambda: [check(m.value(), limits, now) for m in batch], n),
         ("check (valid events)", lambda: [check(v, limits, now) for v in valid_values], len(valid_values)),
         ("_validated (record)", lambda: [ingester._validated(a, now_us) for a in admitted], len(admitted)),

@@ -46,7 +46,9 @@ def test_prometheus_scrapes_every_component(stack: Stack) -> None:
     }
 
     def all_up() -> bool:
-        up = {(s["metric"]["job"], s["metric"]["instance"]): s["value"][1] for s in stack.prometheus.query("up")}
+        up = {
+            (s["metric"]["job"], s["metric"]["instance"]): s["value"][1] for s in stack.prometheus.query("up")
+        }
         return all(up.get(target) == "1" for target in wanted)
 
     eventually(all_up, 60, f"every target up in Prometheus: {sorted(wanted)}")
