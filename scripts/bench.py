@@ -1,8 +1,8 @@
 """End-to-end benchmark of the pipeline: `make bench` (`python -m scripts.bench --events N ...`).
 
 On a stack of its own (free ports, a temporary directory, never .stack/; stopped and removed
-at the end) with the three services and all four storage sinks running, after a small
-unmeasured warm-up:
+at the end) with the three services and all four storage sinks running, after an unmeasured
+warm-up long enough for the JVMs' JIT compilation to settle (--warmup, 300,000 events):
 
 1. full speed: N generated events (realistic sizes; ~5 % invalid, some duplicates, test users
    and heartbeats) produced to their sources' raw topics (pipeline.raw.<source>) as fast as one
@@ -33,7 +33,7 @@ counters and the raw topics' end offsets (the exported pipeline_consumer_lag gau
 too, as lag_metric). Writes <out>/<UTC timestamp>.json (machine, settings, results and the
 time series) and <out>/<UTC timestamp>.png (throughput per stage and lag per group over
 time, CPU per event per process), and prints tables (`--report <json>` prints them again, as
-Markdown, for the README). A default run takes about 5 minutes on 2 cores. A benchmark, not
+Markdown, for the README). A default run takes about 7 minutes on 2 cores. A benchmark, not
 a test: nothing asserts on timings.
 """
 
@@ -142,7 +142,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=5000, help="events/s of the fixed-rate phase")
     parser.add_argument("--rate-seconds", type=float, default=30, help="its length (0: skip it)")
     parser.add_argument(
-        "--warmup", type=int, default=5000, help="events through the pipeline first, unmeasured"
+        "--warmup",
+        type=int,
+        default=300_000,
+        # The JVMs' JIT compilers take minutes of load to settle: after 100,000 events they
+        # still took ~105 µs of CPU per event in the next phase, after 300,000 ~30, after
+        # 600,000 ~18 (2026-12-02). Shorter warm-ups measure start-up, not the steady state.
+        help="events through the pipeline first, unmeasured (the JVMs' JIT compilation settles)",
     )
     parser.add_argument("--batch-size", type=int, default=2000, help="PIPELINE_BATCH_SIZE of the services")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between /metrics samples")
