@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -449,3 +450,25 @@ def test_accepted_events_reencode_with_orjson_and_utf8() -> None:
     assert orjson.loads(orjson.dumps(event.properties)) == properties
     event.event_id.encode()
     orjson.dumps(event.properties).decode().encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        raw(timestamp="2026-02-30T00:00:00Z"),  # our validator's ValueError, with its traceback
+        raw(timestamp="x", source="Web!", user_id=""),
+        raw(properties={"a": {"b": "\u0000"}}),
+        b"not json",
+        b"[1]",
+    ],
+)
+def test_a_rejected_event_leaves_no_reference_cycle(value: bytes) -> None:
+    """A cycle through a rejection's tracebacks would hold the caller's frames, and with
+    them the ingester's whole batch, until the cyclic collector ran."""
+    gc.collect()
+    gc.disable()
+    try:
+        assert isinstance(validate(value, now=NOW), Rejection)
+        assert gc.collect() == 0  # nothing was left for the collector to find
+    finally:
+        gc.enable()
