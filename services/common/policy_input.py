@@ -12,6 +12,7 @@ decoded value, so a bad header never costs more than the value would.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -30,7 +31,7 @@ _PARSED_MAX_BYTES = 16 * 1024 * 1024
 _parsed_bytes = 0
 
 
-def property_keys(record: dict[str, Any]) -> tuple[str, ...]:
+def property_keys(record: Mapping[str, Any]) -> tuple[str, ...]:
     """Top-level property names, for the policy's redaction rules (properties is JSON text)."""
     try:
         properties = orjson.loads(record["properties"])
@@ -39,7 +40,7 @@ def property_keys(record: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(properties)) if isinstance(properties, dict) else ()
 
 
-def case_of(record: dict[str, Any]) -> PolicyCase:
+def case_of(record: Mapping[str, Any]) -> PolicyCase:
     """The policy's input for a decoded ProcessedEvent."""
     return record["type"], record["source"], property_keys(record)
 

@@ -3,6 +3,7 @@ properties the search index must not receive."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Message
@@ -18,6 +19,6 @@ async def storage_decisions(opa: OpaClient, cases: list[PolicyCase]) -> list[dic
     return await opa.decide_distinct(STORAGE_POLICY, POLICY_FIELDS, cases)
 
 
-def policy_case(message: Message, record: dict[str, Any]) -> PolicyCase:
+def policy_case(message: Message, record: Mapping[str, Any]) -> PolicyCase:
     """A decoded record's policy input: from its header when it has one, else from the value."""
     return case_from_headers(message) or case_of(record)

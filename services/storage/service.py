@@ -12,11 +12,13 @@ from typing import Self
 
 from pydantic import Field, FilePath, SecretStr, model_validator
 
+from services.common.avro import AvroSerde
 from services.common.config import StageSettings
 from services.common.dependencies import DependencyWaiter
 from services.common.service import Built, Runtime, Supervised, service_main
-from services.common.topology import SINKS, sink_stage
+from services.common.topology import PROCESSED_EVENT, SINKS, sink_stage
 from services.storage.analytics import AnalyticsForwarder
+from services.storage.shared_decode import SharedDecoder
 from services.storage.sink_loop import SinkLoop
 from services.storage.sinks.base import Sink
 
@@ -99,6 +101,13 @@ async def build(runtime: Runtime[StorageSettings]) -> Built:
     opa = runtime.opa_client()
     loops: list[Supervised] = []
     sinks: list[Sink] = []
+    store_sinks = [name for name in settings.sink_names if name != "analytics"]
+    # A few batches' worth of records for the sinks behind the first reader.
+    decoder = SharedDecoder(
+        AvroSerde(runtime.store, PROCESSED_EVENT, timestamps_as_micros=True),
+        readers=len(store_sinks),
+        capacity=10 * settings.batch_size,
+    )
     for name in settings.sink_names:
         stage = sink_stage(name)
         waiter = runtime.waiter(stage, maximum=30.0)  # per sink: its circuit breaker
@@ -125,7 +134,7 @@ async def build(runtime: Runtime[StorageSettings]) -> Built:
             return SinkLoop(
                 s, clients=clients, instance=settings.instance_id, store=runtime.store, opa=opa,
                 dlq=clients.producer(), stop=leave, waiter=w, batch_size=settings.batch_size,
-                batch_timeout_s=settings.batch_timeout_ms / 1000, **f,
+                batch_timeout_s=settings.batch_timeout_ms / 1000, decoder=decoder, **f,
             )  # fmt: skip
 
         loops.append(Supervised(stage, make, waiter, runtime.stop, runtime.identity))

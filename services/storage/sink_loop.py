@@ -33,6 +33,7 @@ from services.common.opa import OpaClient
 from services.common.topology import PROCESSED, PROCESSED_EVENT, group_id, instance_id, sink_stage
 from services.common.tracing import BatchTrace, StageTracer
 from services.storage.policy import policy_case, storage_decisions
+from services.storage.shared_decode import SharedDecoder
 from services.storage.sinks.base import Refused, Sink, StoredEvent, Write
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,18 @@ class SinkLoop:
         batch_timeout_s: float,
         flush_records: int = 1,
         flush_seconds: float = 0.0,
+        decoder: SharedDecoder | None = None,
         consumer: Consumer | None = None,
     ):
         """instance: this process's instance id (its static group membership).
+        decoder: the process's store sinks' shared decoder (else one of its own).
         consumer: a client to use instead of building one (tests)."""
         self.sink, self.opa, self.dlq, self.stop = sink, opa, dlq, stop
         self.stage = sink_stage(sink.name)
         metrics.zero_series(self.stage, sink.name)
-        self.serde = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
+        self.decoder = decoder or SharedDecoder(
+            AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True), readers=1, capacity=0
+        )
         self.dead_letters = DeadLetters(store, self.stage)
         self.tracer = StageTracer(self.stage)
         self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
@@ -129,7 +134,7 @@ class SinkLoop:
         buffer.trace.add(message)
         buffer.offsets[(message.topic(), message.partition())] = message.offset() + 1
         try:
-            buffer.events.append(StoredEvent(message, self.serde.decode(message.value() or b"")))
+            buffer.events.append(StoredEvent(message, self.decoder.decode(message.value() or b"")))
         except SerdeError as e:
             buffer.poison.append((message, f"undecodable ProcessedEvent: {e}"))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -14,7 +14,8 @@ class StoredEvent:
     message: Message
     # The decoded ProcessedEvent, its timestamps as integer microseconds since the Unix
     # epoch, UTC (AvroSerde(..., timestamps_as_micros=True)): no datetime per value.
-    record: dict[str, Any]
+    # Read-only: shared by the process's store sinks (services/storage/shared_decode.py).
+    record: Mapping[str, Any]
     redact_for_search: tuple[str, ...] = ()  # property keys the search index must not receive
 
 

@@ -33,6 +33,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -101,12 +102,12 @@ def index_name(prefix: str, timestamp_us: int) -> str:
     return f"{prefix}-{from_micros(timestamp_us):%Y.%m}"
 
 
-def document_id(record: dict[str, Any]) -> str:
+def document_id(record: Mapping[str, Any]) -> str:
     # Source names are [a-z0-9_-], so the first ":" separates them from the event id.
     return f"{record['source']}:{record['id']}"
 
 
-def document(record: dict[str, Any], redact: tuple[str, ...], stored_at_ms: int) -> dict[str, Any]:
+def document(record: Mapping[str, Any], redact: tuple[str, ...], stored_at_ms: int) -> dict[str, Any]:
     """The indexed document, dates in epoch milliseconds; ValueError when properties is not
     a JSON object."""
     doc = {name: record[name] for name in OTHER_FIELDS}
