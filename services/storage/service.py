@@ -102,11 +102,12 @@ async def build(runtime: Runtime[StorageSettings]) -> Built:
     loops: list[Supervised] = []
     sinks: list[Sink] = []
     store_sinks = [name for name in settings.sink_names if name != "analytics"]
-    # A few batches' worth of records for the sinks behind the first reader.
+    # 64 MiB of payloads: about ten batches of typical events for the sinks behind the first
+    # reader (their decoded records take about three times that).
     decoder = SharedDecoder(
         AvroSerde(runtime.store, PROCESSED_EVENT, timestamps_as_micros=True),
         readers=len(store_sinks),
-        capacity=10 * settings.batch_size,
+        capacity_bytes=64 * 1024 * 1024,
     )
     for name in settings.sink_names:
         stage = sink_stage(name)

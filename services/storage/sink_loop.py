@@ -78,7 +78,7 @@ class SinkLoop:
         self.stage = sink_stage(sink.name)
         metrics.zero_series(self.stage, sink.name)
         self.decoder = decoder or SharedDecoder(
-            AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True), readers=1, capacity=0
+            AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True), readers=1, capacity_bytes=0
         )
         self.dead_letters = DeadLetters(store, self.stage)
         self.tracer = StageTracer(self.stage)

@@ -25,7 +25,7 @@ class CountingSerde(AvroSerde):
 
 def test_three_sinks_reading_one_payload_decode_it_once() -> None:
     serde = CountingSerde()
-    decoder = SharedDecoder(serde, readers=3, capacity=100)
+    decoder = SharedDecoder(serde, readers=3, capacity_bytes=1_000_000)
     payload = processed("e1")
     # Each sink's consumer hands it its own bytes object with the same content.
     records = [decoder.decode(bytes(bytearray(payload))) for _ in range(3)]
@@ -35,15 +35,15 @@ def test_three_sinks_reading_one_payload_decode_it_once() -> None:
 
 
 def test_a_shared_record_cannot_be_changed_by_one_sink() -> None:
-    record = SharedDecoder(CountingSerde(), readers=3, capacity=100).decode(processed("e1"))
+    record = SharedDecoder(CountingSerde(), readers=3, capacity_bytes=1_000_000).decode(processed("e1"))
     with pytest.raises(TypeError):
         record["user_name"] = "changed"  # type: ignore[index]
 
 
-def test_records_waiting_for_a_slow_sink_are_bounded_oldest_first() -> None:
+def test_records_waiting_for_a_slow_sink_are_bounded_in_bytes_oldest_first() -> None:
     serde = CountingSerde()
-    decoder = SharedDecoder(serde, readers=2, capacity=2)
     first, second, third = processed("e1"), processed("e2"), processed("e3")
+    decoder = SharedDecoder(serde, readers=2, capacity_bytes=2 * len(first))  # two of them
     for payload in (first, second, third):  # the fast sink
         decoder.decode(payload)
     assert len(decoder) == 2
@@ -55,7 +55,7 @@ def test_records_waiting_for_a_slow_sink_are_bounded_oldest_first() -> None:
 
 
 def test_garbage_is_refused_to_every_sink_and_never_kept() -> None:
-    decoder = SharedDecoder(CountingSerde(), readers=3, capacity=100)
+    decoder = SharedDecoder(CountingSerde(), readers=3, capacity_bytes=1_000_000)
     for _ in range(3):
         with pytest.raises(SerdeError):
             decoder.decode(b"junk")
@@ -64,7 +64,15 @@ def test_garbage_is_refused_to_every_sink_and_never_kept() -> None:
 
 def test_a_single_reader_keeps_nothing() -> None:
     serde = CountingSerde()
-    decoder = SharedDecoder(serde, readers=1, capacity=100)
+    decoder = SharedDecoder(serde, readers=1, capacity_bytes=1_000_000)
     decoder.decode(processed("e1"))
     decoder.decode(processed("e1"))
     assert serde.decoded == 2 and len(decoder) == 0
+
+
+def test_a_payload_larger_than_the_bound_is_never_kept() -> None:
+    serde = CountingSerde()
+    payload = processed("e1")
+    decoder = SharedDecoder(serde, readers=3, capacity_bytes=len(payload) - 1)
+    decoder.decode(payload)
+    assert len(decoder) == 0
