@@ -2,8 +2,9 @@
 
 Loads the raw topics (each event to its source's) while the services are stopped, then runs each
 service alone over the backlog (ingester, then processor, then storage with its four
-sinks side by side) and reports events/s from its first to its last record and the CPU
-seconds its process (with any children) used per 100,000 events. A benchmark, not a test:
+sinks side by side, or with --sinks-alone once per sink with only that sink) and reports
+events/s from its first to its last record and the CPU seconds its process (with any
+children) used per 100,000 events. A benchmark, not a test:
 nothing asserts. `make bench` (scripts/bench.py) measures the stages running together, end to end.
 """
 
@@ -23,7 +24,15 @@ from scripts.benchlib import (
     tree_cpu_seconds,
 )
 from services.cli.generate import generate_events
-from services.common.topology import PROCESSED, RECORDS_IN_METRIC, RECORDS_OUT_METRIC, VALIDATED, raw_topic
+from services.common.topology import (
+    PROCESSED,
+    RECORDS_IN_METRIC,
+    RECORDS_OUT_METRIC,
+    VALIDATED,
+    raw_topic,
+    sink_stage,
+)
+from services.common.topology import SINKS as SINK_NAMES
 
 
 def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: int) -> list[dict[str, float]]:
@@ -60,6 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument(
+        "--sinks-alone",
+        action="store_true",
+        help="run storage once per sink, with only that sink (PIPELINE_SINKS)",
+    )
     args = parser.parse_args()
     exit_on_signals()
     service_env = {"PIPELINE_BATCH_SIZE": str(args.batch_size), "PIPELINE_LAKE_FLUSH_SECONDS": "5"}
@@ -75,7 +89,13 @@ def main() -> None:
         validated = int(metric(stack, "ingester", RECORDS_OUT_METRIC, topic=VALIDATED))
         results += run_service(stack, "processor", ("processor",), validated)
         processed = int(metric(stack, "processor", RECORDS_OUT_METRIC, topic=PROCESSED))
-        results += run_service(stack, "storage", SINKS, processed)
+        if args.sinks_alone:
+            for sink in SINK_NAMES:  # each sink's consumer group reads the backlog from the start
+                stack.service_env["PIPELINE_SINKS"] = sink
+                results += run_service(stack, "storage", (sink_stage(sink),), processed)
+                stack.services["storage"].process.stop()
+        else:
+            results += run_service(stack, "storage", SINKS, processed)
         print(
             table(
                 ("stage", "events", "seconds", "events/s", "CPU s/100k"),
@@ -91,7 +111,12 @@ def main() -> None:
                 ],
             )
         )
-        print("(storage: the four sinks run side by side in one process; CPU is the process's)")
+        together = (
+            "each sink alone in the process"
+            if args.sinks_alone
+            else "the four sinks side by side in one process"
+        )
+        print(f"(storage: {together}; CPU is the process's)")
 
 
 if __name__ == "__main__":
