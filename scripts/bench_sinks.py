@@ -66,14 +66,15 @@ class Message:
         return self._headers
 
 
-def processed_messages(n: int, store: SchemaStore) -> list[Message]:
+def processed_messages(n: int, store: SchemaStore, *, seed: int = 1, first_offset: int = 0) -> list[Message]:
+    """n pipeline.processed records, at offsets first_offset... of partition 0."""
     validated = AvroSerde(store, VALIDATED_EVENT)
     # As the processor reads and writes them: timestamps as integer microseconds.
     as_micros = AvroSerde(store, VALIDATED_EVENT, timestamps_as_micros=True)
     processed = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
     now = datetime.now(UTC)
     messages: list[Message] = []
-    for generated in generate_events(n * 2, seed=1, invalid_fraction=0.0, duplicate_fraction=0.0):
+    for generated in generate_events(n * 2, seed=seed, invalid_fraction=0.0, duplicate_fraction=0.0):
         event = validate(generated.value, now=now)
         if not isinstance(event, RawEvent) or len(messages) == n:
             continue
@@ -81,13 +82,14 @@ def processed_messages(n: int, store: SchemaStore) -> list[Message]:
             "event_id": event.event_id, "event_type": event.event_type,
             "timestamp": event.timestamp.astimezone(UTC), "user_id": event.user_id, "source": generated.source,
             "properties": orjson.dumps(event.properties).decode(), "version": 1, "received_at": now,
-            "ingested_at": now, "raw_partition": 0, "raw_offset": len(messages),
+            "ingested_at": now, "raw_partition": 0, "raw_offset": first_offset + len(messages),
         }  # fmt: skip
         record = processed_record(as_micros.decode(validated.encode(datum)), USER, 1, micros(now))
         value = processed.encode(record)
         # As the processor writes them: an unsampled traceparent (the usual 99%) and the policy input.
         traceparent = b"00-%032x-%016x-00" % (len(messages) + 1, len(messages) + 1)
-        messages.append(Message(0, len(messages), value, [(TRACEPARENT, traceparent), policy_header(record)]))
+        offset = first_offset + len(messages)
+        messages.append(Message(0, offset, value, [(TRACEPARENT, traceparent), policy_header(record)]))
     return messages
 
 

@@ -15,8 +15,8 @@ Each is first run over --warmup events, so the tables hold rows and the JVMs' JI
 settled, as in `make bench`'s steady state, then measured --rounds times over --events new
 ones: this machine's CPU per unit of work varies by 20% and more from one minute to the
 next, so the table gives the lowest, the median and the highest round. The events are the
-generator's valid events (their properties as sources send them) with the fields the
-processor adds filled in. A benchmark, not a test: it checks only that every write was accepted.
+generator's valid events, validated, enriched and encoded by the services' own code
+(scripts.bench_sinks.processed_messages). A benchmark, not a test: it checks only that every write was accepted.
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
-
-import orjson
 
 from deploy.local.search_server import WRITER_USER
 from deploy.local.stack import Stack
+from scripts.bench_sinks import processed_messages
 from scripts.benchlib import exit_on_signals, isolated_stack, own_cpu_seconds, table, tree_cpu_seconds
-from services.cli.generate import generate_events
+from services.common.avro import AvroSerde, SchemaStore
+from services.common.topology import PROCESSED_EVENT
 from services.ingester.dedup import Dedup, Seen
 from services.storage.service import StorageSettings
 from services.storage.sinks.base import Sink, StoredEvent
@@ -47,44 +45,12 @@ Write = Callable[[list[StoredEvent]], Awaitable[object]]
 Close = Callable[[], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class KafkaPosition:
-    """Stands in for the consumed record where a sink reads its partition and offset."""
-
-    offset_: int
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self.offset_
-
-
 def stored_events(n: int, seed: int, first_offset: int) -> list[StoredEvent]:
-    """n valid events as the store sinks receive them (timestamps in microseconds)."""
-    now = time.time_ns() // 1000
-    events = []
-    for i, generated in enumerate(generate_events(n, invalid_fraction=0, duplicate_fraction=0, seed=seed)):
-        raw = orjson.loads(generated.value)
-        record: dict[str, Any] = {
-            "id": raw["event_id"],
-            "type": raw["event_type"],
-            "timestamp": now - (n - i) * 1000,
-            "user_id": raw["user_id"],
-            "user_name": "Ada Lovelace",
-            "user_tier": "gold",
-            "user_known": True,
-            "properties": orjson.dumps(raw["properties"]).decode(),
-            "source": raw["source"],
-            "day_of_week": "Thursday",
-            "hour": 3,
-            "version": 1,
-            "received_at": now,
-            "ingested_at": now,
-            "processed_at": now,
-        }
-        events.append(StoredEvent(KafkaPosition(first_offset + i), record))  # type: ignore[arg-type]
-    return events
+    """n valid events as the store sinks receive them, made as the services make them."""
+    store = SchemaStore.load()
+    serde = AvroSerde(store, PROCESSED_EVENT, timestamps_as_micros=True)
+    messages = processed_messages(n, store, seed=seed, first_offset=first_offset)
+    return [StoredEvent(m, serde.decode(m.value())) for m in messages]  # type: ignore[arg-type]
 
 
 def dedup_claims(stack: Stack) -> tuple[Write, Close]:
@@ -120,8 +86,8 @@ def search(stack: Stack) -> SearchSink:
     return SearchSink(stack.search.url, auth=(username, password), ca_pem=stack.search.ca_file.read_bytes())
 
 
-def postgres_rows(stack: Stack) -> tuple[Write, Close]:
-    return sink_writes(PostgresSink(stack.env_for("storage")["PIPELINE_PG_DSN"]))
+def postgres(stack: Stack) -> PostgresSink:
+    return PostgresSink(stack.env_for("storage")["PIPELINE_PG_DSN"])
 
 
 # The lake sink writes when its buffer holds this many records (or is a minute old).
@@ -130,7 +96,7 @@ LAKE_FLUSH_RECORDS: int = StorageSettings.model_fields["lake_flush_records"].def
 # records per write (None: --batch-size, as the stages and the other sinks write).
 STORES: list[tuple[str, Callable[[Stack], tuple[Write, Close]], str, int | None]] = [
     ("postgres: dedup claims (ingester)", dedup_claims, "postgres", None),
-    ("postgres: events rows (storage)", postgres_rows, "postgres", None),
+    ("postgres: events rows (storage)", lambda stack: sink_writes(postgres(stack)), "postgres", None),
     ("elasticsearch: documents (storage)", lambda stack: sink_writes(search(stack)), "search", None),
     ("s3: lake objects (storage)", lambda stack: sink_writes(lake(stack)), "s3", LAKE_FLUSH_RECORDS),
 ]
