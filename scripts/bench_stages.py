@@ -1,6 +1,8 @@
 """Per-stage throughput on a stack of its own: `python -m scripts.bench_stages --events 100000`.
 
-Loads the raw topics (each event to its source's) while the services are stopped, then runs each
+First runs the whole pipeline over --warmup events (so the JVMs' JIT compilation and the
+stores' caches settle: a cold Elasticsearch measured half its warm rate here), then loads the
+raw topics (each event to its source's) while the services are stopped, then runs each
 service alone over the backlog (ingester, then processor, then storage with its four
 sinks side by side, or with --sinks-alone once per sink with only that sink) and reports
 events/s from its first to its last record and the CPU seconds its process (with any
@@ -11,7 +13,9 @@ nothing asserts. `make bench` (scripts/bench.py) measures the stages running tog
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Callable
 
 from deploy.local.stack import Stack
 from scripts.benchlib import (
@@ -35,7 +39,33 @@ from services.common.topology import (
 from services.common.topology import SINKS as SINK_NAMES
 
 
-def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: int) -> list[dict[str, float]]:
+def warm_up(stack: Stack, events: int, deadline: float) -> None:
+    """Run the whole pipeline over `events` events, until every sink has taken what the
+    processor sent it."""
+    warm = list(generate_events(events, seed=2))
+    produce(stack, [(e.key, e.value) for e in warm], topic=[raw_topic(e.source) for e in warm])
+    wait_until(lambda: metric(stack, "ingester", RECORDS_IN_METRIC, stage="ingester") >= events, deadline)
+    validated = metric(stack, "ingester", RECORDS_OUT_METRIC, topic=VALIDATED)
+    wait_until(
+        lambda: metric(stack, "processor", RECORDS_IN_METRIC, stage="processor") >= validated, deadline
+    )
+    processed = metric(stack, "processor", RECORDS_OUT_METRIC, topic=PROCESSED)
+    for stage in SINKS:
+        wait_until(
+            lambda s=stage: metric(stack, "storage", RECORDS_IN_METRIC, stage=s) >= processed, deadline
+        )
+
+
+def wait_until(condition: Callable[[], bool], deadline: float) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            sys.exit("bench_stages: a stage did not take its backlog before --timeout; see its log")
+        time.sleep(0.05)
+
+
+def run_service(
+    stack: Stack, service: str, stages: tuple[str, ...], expected: int, deadline: float
+) -> list[dict[str, float]]:
     """Start `service` and time each of its stages from first record in to `expected` in."""
     stack.start_service(service)
     pid = stack.services[service].service_pid  # the service, not its supervisor
@@ -50,6 +80,8 @@ def run_service(stack: Stack, service: str, stages: tuple[str, ...], expected: i
                 first, cpu_first = time.monotonic(), tree_cpu_seconds(pid)
             if seen >= expected and stage not in done_at:
                 done_at[stage] = time.monotonic()
+        if time.monotonic() > deadline:
+            sys.exit(f"bench_stages: {service} did not take its backlog before --timeout; see its log")
         time.sleep(0.05)
     cpu = tree_cpu_seconds(pid) - cpu_first
     assert first is not None
@@ -74,10 +106,17 @@ def main() -> None:
         action="store_true",
         help="run storage once per sink, with only that sink (PIPELINE_SINKS)",
     )
+    parser.add_argument(
+        "--warmup", type=int, default=100_000, help="events through the whole pipeline first (0: none)"
+    )
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
     args = parser.parse_args()
+    deadline = time.monotonic() + args.timeout
     exit_on_signals()
     service_env = {"PIPELINE_BATCH_SIZE": str(args.batch_size), "PIPELINE_LAKE_FLUSH_SECONDS": "5"}
     with isolated_stack("bench-stages-", service_env) as stack:
+        if args.warmup:
+            warm_up(stack, args.warmup, deadline)
         for service in stack.services.values():
             service.process.stop()
         events = list(generate_events(args.events, seed=1))
@@ -85,17 +124,17 @@ def main() -> None:
             stack, [(e.key, e.value) for e in events], topic=[raw_topic(e.source) for e in events]
         )
         print(f"produced {produced.count} events in {produced.finished - produced.started:.1f}s")
-        results = run_service(stack, "ingester", ("ingester",), len(events))
+        results = run_service(stack, "ingester", ("ingester",), len(events), deadline)
         validated = int(metric(stack, "ingester", RECORDS_OUT_METRIC, topic=VALIDATED))
-        results += run_service(stack, "processor", ("processor",), validated)
+        results += run_service(stack, "processor", ("processor",), validated, deadline)
         processed = int(metric(stack, "processor", RECORDS_OUT_METRIC, topic=PROCESSED))
         if args.sinks_alone:
             for sink in SINK_NAMES:  # each sink's consumer group reads the backlog from the start
                 stack.service_env["PIPELINE_SINKS"] = sink
-                results += run_service(stack, "storage", (sink_stage(sink),), processed)
+                results += run_service(stack, "storage", (sink_stage(sink),), processed, deadline)
                 stack.services["storage"].process.stop()
         else:
-            results += run_service(stack, "storage", SINKS, processed)
+            results += run_service(stack, "storage", SINKS, processed, deadline)
         print(
             table(
                 ("stage", "events", "seconds", "events/s", "CPU s/100k"),
