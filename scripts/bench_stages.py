@@ -107,7 +107,7 @@ def main() -> None:
         help="run storage once per sink, with only that sink (PIPELINE_SINKS)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=100_000, help="events through the whole pipeline first (0: none)"
+        "--warmup", type=int, default=300_000, help="events through the whole pipeline first (0: none)"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
     args = parser.parse_args()
