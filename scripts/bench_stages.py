@@ -56,11 +56,15 @@ def warm_up(stack: Stack, events: int, deadline: float) -> None:
         )
 
 
-def wait_until(condition: Callable[[], bool], deadline: float) -> None:
+def wait_until(condition: Callable[[], bool], deadline: float, what: str = "the warm-up") -> None:
     while not condition():
-        if time.monotonic() > deadline:
-            sys.exit("bench_stages: a stage did not take its backlog before --timeout; see its log")
+        give_up_after(deadline, what)
         time.sleep(0.05)
+
+
+def give_up_after(deadline: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        sys.exit(f"bench_stages: {what} did not take its backlog before --timeout; see the services' logs")
 
 
 def run_service(
@@ -80,8 +84,7 @@ def run_service(
                 first, cpu_first = time.monotonic(), tree_cpu_seconds(pid)
             if seen >= expected and stage not in done_at:
                 done_at[stage] = time.monotonic()
-        if time.monotonic() > deadline:
-            sys.exit(f"bench_stages: {service} did not take its backlog before --timeout; see its log")
+        give_up_after(deadline, service)
         time.sleep(0.05)
     cpu = tree_cpu_seconds(pid) - cpu_first
     assert first is not None
