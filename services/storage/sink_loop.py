@@ -4,20 +4,11 @@ Records are buffered until the sink's flush is due (every batch for PostgreSQL a
 search index, by size or age for the lake), written idempotently, and only then are the
 offsets committed: a crash re-reads what was not committed, and the idempotent write makes
 the second copy a no-op. A buffer is also due at FLUSH_BYTES of payload, whatever its
-record count: events may be up to 1 MiB each.
-
-While one buffer is written, the next one fills: the store's work overlaps the loop's
-reading and decoding instead of adding to it, and a buffer due while the previous one is
-still being written goes on filling (up to FILL_BATCHES batches), so a slow store gets
-larger writes, which cost it less per record. Flushes still commit in order, and a buffer
-starts where the previous one ended, which is the committed offset once that flush has
-committed (the lake names its objects by it); if that commit fails, both buffers are
-dropped and read again from the first.
-
-A store that is down makes the loop wait with growing backoff (a circuit breaker per
-sink: while open, no write is attempted until the next probe) and its lag grows; the other
-sinks, in loops of their own, go on. A record the store refuses for good goes to the DLQ
-as `sink_failed` and the sink moves on.
+record count: events may be up to 1 MiB each, and the lake's 50,000 records of them would
+not fit in memory. A store that is down makes the loop wait with growing backoff (a
+circuit breaker per sink: while open, no write is attempted until the next probe) and its
+lag grows; the other sinks, in loops of their own, go on. A record the store refuses for
+good goes to the DLQ as `sink_failed` and the sink moves on.
 
 No record can stop a sink: anything else a sink's write raises (a bug, a value a client
 library cannot handle) is taken as being about some record in the batch. The loop bisects
@@ -28,9 +19,7 @@ found; those are dead-lettered as `sink_failed` with the exception, the rest are
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,20 +39,14 @@ from services.storage.shared_decode import SharedDecoder
 from services.storage.sinks.base import Refused, Sink, StoredEvent, Write
 
 log = logging.getLogger(__name__)
-# A buffer due while the previous one is being written fills on, up to this many batches.
-FILL_BATCHES = 4
 FLUSH_BYTES = 64 * 1024 * 1024
-# How long a read waits for records while a due buffer waits for the write in flight: its
-# end is only seen between reads.
-READ_WHILE_WRITING_S = 0.01
 
 
 @dataclass
 class Buffer:
     events: list[StoredEvent] = field(default_factory=list)
     poison: list[tuple[Message, str]] = field(default_factory=list)
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # the next to read
-    first: dict[tuple[str, int], int] = field(default_factory=dict)  # the first buffered
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     since: float = 0.0
     payload_bytes: int = 0
     # Begun with the first record: a sampled record's span covers its wait in the buffer too.
@@ -71,17 +54,6 @@ class Buffer:
 
     def __len__(self) -> int:
         return len(self.events) + len(self.poison)
-
-    def messages(self) -> list[Message]:
-        return [e.message for e in self.events] + [m for m, _ in self.poison]
-
-
-@dataclass
-class InFlight:
-    """A buffer whose flush is under way; the task says whether its offsets were committed."""
-
-    buffer: Buffer
-    committed: asyncio.Task[bool]
 
 
 class SinkLoop:
@@ -117,7 +89,6 @@ class SinkLoop:
         self.waiter = waiter  # per sink, kept across restarts: the sink's circuit breaker
         self.batch_size, self.batch_timeout_s = batch_size, batch_timeout_s
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
-        self.fill_records = max(flush_records, FILL_BATCHES * batch_size)
         group = group_id(self.stage)
         self.consumer = consumer or clients.consumer(
             group,
@@ -132,81 +103,32 @@ class SinkLoop:
         )
         self.running = False
         self._revoked: set[tuple[str, int]] = set()
-        self._idle = threading.Event()  # no flush in flight
-        self._idle.set()
 
     async def run(self) -> None:
         self.consumer.subscribe([PROCESSED], on_revoke=self._on_revoke)
         self.running = True
         buffer = Buffer()
-        in_flight: InFlight | None = None  # the previous buffer, being flushed
         log.info("sink running", extra={"sink": self.sink.name, "stage": self.stage})
         try:
             while not self.stop.is_set():
-                waiting = in_flight is not None and len(buffer) > 0 and self._due(buffer)
                 messages = await asyncio.to_thread(
-                    self.consumer.consume,
-                    self.batch_size,
-                    READ_WHILE_WRITING_S if waiting else self.batch_timeout_s,
+                    self.consumer.consume, self.batch_size, self.batch_timeout_s
                 )
-                if in_flight is not None and in_flight.committed.done():
-                    committed = await self._settle(in_flight, buffer, messages)
-                    in_flight = None
-                    if not committed:
-                        buffer = Buffer()
-                        continue
                 self._drop_revoked(buffer)
                 for message in messages:
                     if usable(message):
                         self._add(buffer, message)
                 if len(buffer) and self._due(buffer):
-                    if in_flight is not None:
-                        if not (in_flight.committed.done() or self._full(buffer)):
-                            continue
-                        async with consumer_kept_alive(self.consumer):
-                            committed = await self._settle(in_flight, buffer, [])
-                        in_flight = None
-                        if not committed:
-                            buffer = Buffer()
-                            continue
-                    # Cleared here, not in the task: a revoke served by the next consume()
-                    # must wait for this flush, even before the task first runs.
-                    self._idle.clear()
-                    in_flight = InFlight(buffer, asyncio.create_task(self._flush(buffer)))
-                    buffer = Buffer()
-            # Graceful stop: leave nothing to redo.
-            if in_flight is None or await self._settle(in_flight, buffer, []):
-                in_flight = None
-                if len(buffer):
-                    await self._flush(buffer)
+                    async with consumer_kept_alive(self.consumer):
+                        buffer = await self._flush(buffer)
+            if len(buffer):
+                buffer = await self._flush(buffer)  # graceful stop: leave nothing to redo
         except Stopping:
             pass  # not committed: read again after restart, written again idempotently
         finally:
             self.running = False
-            try:
-                if in_flight is not None:
-                    with contextlib.suppress(Stopping):
-                        await in_flight.committed  # re-raises a fatal error of its flush
-            finally:
-                await asyncio.to_thread(self.consumer.close)
-                log.info("sink stopped", extra={"sink": self.sink.name})
-
-    async def _settle(self, in_flight: InFlight, buffer: Buffer, messages: list[Message]) -> bool:
-        """Wait for the buffer in flight. False if its offsets were not committed: then the
-        partitions are rewound to its first records, so that it, `buffer` and `messages`
-        (all read after it) are read again, and the caller drops `buffer` and `messages`."""
-        if await in_flight.committed:
-            return True
-        first = dict(in_flight.buffer.first)
-        for partition, offset in buffer.first.items():
-            first.setdefault(partition, offset)
-        for message in filter(usable, messages):
-            first.setdefault((message.topic(), message.partition()), message.offset())
-        for (topic, partition), offset in first.items():
-            with contextlib.suppress(KafkaException):  # revoked meanwhile: its next owner reads it
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-        self._end_trace(buffer, "read again after the previous flush was not committed")
-        return False
+            await asyncio.to_thread(self.consumer.close)
+            log.info("sink stopped", extra={"sink": self.sink.name})
 
     def _add(self, buffer: Buffer, message: Message) -> None:
         if not len(buffer):
@@ -214,10 +136,8 @@ class SinkLoop:
         if buffer.trace is None:
             buffer.trace = self.tracer.batch()
         buffer.trace.add(message)
-        partition = (message.topic(), message.partition())
-        buffer.first.setdefault(partition, message.offset())
+        buffer.offsets[(message.topic(), message.partition())] = message.offset() + 1
         buffer.payload_bytes += len(message.value() or b"")
-        buffer.offsets[partition] = message.offset() + 1
         try:
             buffer.events.append(StoredEvent(message, self.decoder.decode(message.value() or b"")))
         except SerdeError as e:
@@ -230,19 +150,8 @@ class SinkLoop:
             or time.monotonic() - buffer.since >= self.flush_seconds
         )
 
-    def _full(self, buffer: Buffer) -> bool:
-        """No more records while the previous buffer is written."""
-        return len(buffer) >= self.fill_records or buffer.payload_bytes >= FLUSH_BYTES
-
-    async def _flush(self, buffer: Buffer) -> bool:
-        """Writes the buffer and commits its offsets (False if the commit failed); the end
-        of its records' traces."""
-        try:
-            return await self._write_and_commit(buffer)
-        finally:
-            self._idle.set()
-
-    async def _write_and_commit(self, buffer: Buffer) -> bool:
+    async def _flush(self, buffer: Buffer) -> Buffer:
+        """Writes the buffer; the end of its records' traces."""
         started = time.monotonic()
         with buffer.trace or self.tracer.batch() as trace:
             allowed = await self.waiter.call("opa", lambda: self._allowed(buffer.events, trace))
@@ -267,7 +176,7 @@ class SinkLoop:
             )
         if committed:
             self._count(buffer, allowed, refused, time.monotonic() - started)
-        return committed
+        return Buffer()
 
     async def _write(self, events: list[StoredEvent]) -> Refused:
         """The sink's write, waiting out its store; the refused events with the reason."""
@@ -324,11 +233,8 @@ class SinkLoop:
             return False
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Runs inside consume(), in its thread. Give partitions away only once the flush in
-        # flight has committed, so their next owner starts after it instead of writing it
-        # again. Buffered records of these partitions now belong to that owner: drop ours.
-        if not self._idle.wait(120):
-            log.warning("revoking partitions with a flush still in flight", extra={"sink": self.sink.name})
+        # Runs inside consume(): buffered records of these partitions now belong to their
+        # next owner, who reads them from the committed offset; drop ours.
         self._revoked.update((p.topic, p.partition) for p in partitions)
 
     def _drop_revoked(self, buffer: Buffer) -> None:
@@ -336,22 +242,16 @@ class SinkLoop:
             return
         gone = self._revoked
         if buffer.trace is not None:
-            for message in buffer.messages():
+            for message in [e.message for e in buffer.events] + [m for m, _ in buffer.poison]:
                 if (message.topic(), message.partition()) in gone:
                     buffer.trace.outcome(message, "revoked", "read again by the partition's next owner")
         buffer.events = [e for e in buffer.events if (e.message.topic(), e.message.partition()) not in gone]
         buffer.poison = [(m, r) for m, r in buffer.poison if (m.topic(), m.partition()) not in gone]
         buffer.offsets = {tp: o for tp, o in buffer.offsets.items() if tp not in gone}
-        buffer.first = {tp: o for tp, o in buffer.first.items() if tp not in gone}
-        buffer.payload_bytes = sum(len(m.value() or b"") for m in buffer.messages())
+        buffer.payload_bytes = sum(len(e.message.value() or b"") for e in buffer.events) + sum(
+            len(m.value() or b"") for m, _ in buffer.poison
+        )
         self._revoked = set()
-
-    def _end_trace(self, buffer: Buffer, reason: str) -> None:
-        """The end of a dropped buffer's traces: its records are read again."""
-        if buffer.trace is not None:
-            for message in buffer.messages():
-                buffer.trace.outcome(message, "dropped", reason)
-            buffer.trace.end()
 
     def _count(
         self,

@@ -1,14 +1,11 @@
 """The sink loop (SinkLoop) on a fake consumer, a fake DLQ producer, a fake OPA and a fake
-sink: when it flushes, that offsets are committed only after the sink wrote, that the next
-batch is read while one is written, what goes to the DLQ, and what a revoke or a failed
-commit drops."""
+sink: when it flushes, that offsets are committed only after the sink wrote, what goes to
+the DLQ, and what a revoke drops from the buffer."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,17 +77,13 @@ class FakeSink:
 
 
 class CommitRecording(FakeConsumer):
-    """Puts its commits into the sink's event list, to see their order; refuses the first
-    `refused_commits` (a rebalance under way)."""
+    """Puts its commits into the sink's event list, to see their order."""
 
-    def __init__(self, events: list[Any], *args: Any, refused_commits: int = 0, **kwargs: Any):
+    def __init__(self, events: list[Any], *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.events, self.refused_commits = events, refused_commits
+        self.events = events
 
     def commit(self, offsets: list, asynchronous: bool = True) -> None:  # type: ignore[type-arg]
-        if self.refused_commits:
-            self.refused_commits -= 1
-            raise KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
         super().commit(offsets, asynchronous)
         self.events.append(("commit", self.commits[-1]))
 
@@ -109,28 +102,23 @@ class Run:
         flush_seconds: float = 0.0,
         down: bool = False,
         commit_error: KafkaError | None = None,
-        refused_commits: int = 0,
     ):
         self.log, self.batch_size = log, batch_size
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
-        self.commit_error, self.refused_commits = commit_error, refused_commits
+        self.commit_error = commit_error
         self.events: list[Any] = []
         self.sink = FakeSink(self.events, down=down)
         self.dlq = FakeProducer()
         self.opa = FakeOpa(allow_all_but_heartbeats)
         self.before_consume = None
-        # Stop once the input is drained and this holds (else at the first time drained).
-        self.until: Callable[[], bool] = lambda: True
         self.loop: SinkLoop | None = None
 
     def run(self) -> None:
         async def main() -> None:
             stop = asyncio.Event()
-            stop_now = stop_when_drained(stop)
             self.consumer = CommitRecording(
-                self.events, self.log, drained=lambda: self.until() and stop_now(),
+                self.events, self.log, drained=stop_when_drained(stop),
                 before_consume=self.before_consume, commit_error=self.commit_error,
-                refused_commits=self.refused_commits,
             )  # fmt: skip
             self.loop = SinkLoop(
                 self.sink, clients=None, instance="test", store=STORE, opa=self.opa, dlq=self.dlq, stop=stop,  # type: ignore[arg-type]
@@ -172,40 +160,12 @@ def test_offsets_are_committed_after_the_sink_wrote_each_batch() -> None:
     assert run.consumer.closed
 
 
-def test_the_next_batch_is_read_while_the_previous_one_is_written() -> None:
-    # The first write waits (up to 10 s) for the second read: it only comes in time if
-    # reading goes on while a buffer is written.
-    run = Run({(PROCESSED, 0): records(0, "a", "b", "c", "d")}, batch_size=2)
-    second_read = threading.Event()
-    run.before_consume = lambda consumer, call: call == 2 and second_read.set()  # type: ignore[assignment]
-    write = run.sink.write
-
-    async def write_once_read_on(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
-        run.events.append(("read on", await asyncio.to_thread(second_read.wait, 10)))
-        return await write(events)
-
-    run.sink.write = write_once_read_on  # type: ignore[method-assign]
+def test_a_flush_is_due_by_size() -> None:
+    # Batches of 2, flushed at 3 or more: writes of 4 and then (at stop) the last 1.
+    run = Run({(PROCESSED, 0): records(0, *"abcde")}, batch_size=2, flush_records=3, flush_seconds=3600)
     run.run()
-    assert run.events[:2] == [("read on", True), ("write", ["a", "b"])]
-    assert run.sink.writes == [["a", "b"], ["c", "d"]]
-    assert run.consumer.commits == [[(PROCESSED, 0, 2)], [(PROCESSED, 0, 4)]]
-
-
-def test_a_buffer_due_while_the_previous_is_written_fills_on() -> None:
-    # a,b's write lasts until the fourth read: c..h, read meanwhile, go in one write.
-    run = Run({(PROCESSED, 0): records(0, *"abcdefgh")}, batch_size=2)
-    fourth_read = threading.Event()
-    run.before_consume = lambda consumer, call: call == 4 and fourth_read.set()  # type: ignore[assignment]
-    write = run.sink.write
-
-    async def write_after_fourth_read(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
-        await asyncio.to_thread(fourth_read.wait, 10)
-        return await write(events)
-
-    run.sink.write = write_after_fourth_read  # type: ignore[method-assign]
-    run.run()
-    assert run.sink.writes == [["a", "b"], ["c", "d", "e", "f", "g", "h"]]
-    assert run.consumer.commits == [[(PROCESSED, 0, 2)], [(PROCESSED, 0, 8)]]
+    assert run.sink.writes == [["a", "b", "c", "d"], ["e"]]
+    assert run.consumer.commits == [[(PROCESSED, 0, 4)], [(PROCESSED, 0, 5)]]
 
 
 def test_a_flush_is_due_by_payload_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,14 +174,6 @@ def test_a_flush_is_due_by_payload_bytes(monkeypatch: pytest.MonkeyPatch) -> Non
     run = Run({(PROCESSED, 0): records(0, *"abcde")}, batch_size=1, flush_records=1000, flush_seconds=3600)
     run.run()
     assert run.sink.writes == [["a", "b"], ["c", "d"], ["e"]]
-
-
-def test_a_flush_is_due_by_size() -> None:
-    # Batches of 2, flushed at 3 or more: writes of 4 and then (at stop) the last 1.
-    run = Run({(PROCESSED, 0): records(0, *"abcde")}, batch_size=2, flush_records=3, flush_seconds=3600)
-    run.run()
-    assert run.sink.writes == [["a", "b", "c", "d"], ["e"]]
-    assert run.consumer.commits == [[(PROCESSED, 0, 4)], [(PROCESSED, 0, 5)]]
 
 
 def test_a_flush_is_due_by_age(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,42 +265,6 @@ def test_a_revoked_partition_is_dropped_from_the_buffer() -> None:
     assert run.sink.writes == [["a0", "a1"]]
     assert run.consumer.commits == [[(PROCESSED, 0, 2)]]
     assert run.dlq.produced == []  # p1's undecodable record is its new owner's to dead-letter
-
-
-def test_a_revoke_waits_for_the_flush_in_flight() -> None:
-    # p0 is revoked while its first batch is being written: the revoke returns only once
-    # that batch is committed, so p0's next owner starts after it.
-    revoking = threading.Event()
-    run = Run({(PROCESSED, 0): records(0, "a", "b", "c", "d")}, batch_size=2)
-
-    def revoke_p0(consumer: FakeConsumer, call: int) -> None:
-        if call == 2:
-            revoking.set()
-            consumer.revoke([(PROCESSED, 0)])
-            run.events.append(("revoked",))
-
-    write = run.sink.write
-
-    async def write_while_revoking(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
-        await asyncio.to_thread(revoking.wait, 10)
-        return await write(events)
-
-    run.before_consume = revoke_p0  # type: ignore[assignment]
-    run.sink.write = write_while_revoking  # type: ignore[method-assign]
-    run.run()
-    assert run.events == [("write", ["a", "b"]), ("commit", [(PROCESSED, 0, 2)]), ("revoked",)]
-
-
-def test_a_failed_commit_drops_the_next_buffer_and_both_are_read_again() -> None:
-    # a,b's commit is refused while c,d are read: both are read again from a, so each
-    # write starts at the committed offset (the lake names its objects by it).
-    run = Run({(PROCESSED, 0): records(0, "a", "b", "c", "d")}, batch_size=2, refused_commits=1)
-    run.until = lambda: run.consumer.commits[-1:] == [[(PROCESSED, 0, 4)]]
-    run.run()
-    assert run.sink.writes == [["a", "b"], ["a", "b"], ["c", "d"]]
-    assert run.consumer.seeks == [(PROCESSED, 0, 0)]
-    assert run.consumer.commits == [[(PROCESSED, 0, 2)], [(PROCESSED, 0, 4)]]
-    assert run.count("pipeline_records_in_total") == 4
 
 
 def test_nothing_is_committed_while_the_store_is_down() -> None:
