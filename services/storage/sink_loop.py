@@ -55,6 +55,9 @@ class Buffer:
     def __len__(self) -> int:
         return len(self.events) + len(self.poison)
 
+    def messages(self) -> list[Message]:
+        return [e.message for e in self.events] + [m for m, _ in self.poison]
+
 
 class SinkLoop:
     def __init__(
@@ -137,9 +140,10 @@ class SinkLoop:
             buffer.trace = self.tracer.batch()
         buffer.trace.add(message)
         buffer.offsets[(message.topic(), message.partition())] = message.offset() + 1
-        buffer.payload_bytes += len(message.value() or b"")
+        payload = message.value() or b""
+        buffer.payload_bytes += len(payload)
         try:
-            buffer.events.append(StoredEvent(message, self.decoder.decode(message.value() or b"")))
+            buffer.events.append(StoredEvent(message, self.decoder.decode(payload)))
         except SerdeError as e:
             buffer.poison.append((message, f"undecodable ProcessedEvent: {e}"))
 
@@ -242,15 +246,13 @@ class SinkLoop:
             return
         gone = self._revoked
         if buffer.trace is not None:
-            for message in [e.message for e in buffer.events] + [m for m, _ in buffer.poison]:
+            for message in buffer.messages():
                 if (message.topic(), message.partition()) in gone:
                     buffer.trace.outcome(message, "revoked", "read again by the partition's next owner")
         buffer.events = [e for e in buffer.events if (e.message.topic(), e.message.partition()) not in gone]
         buffer.poison = [(m, r) for m, r in buffer.poison if (m.topic(), m.partition()) not in gone]
         buffer.offsets = {tp: o for tp, o in buffer.offsets.items() if tp not in gone}
-        buffer.payload_bytes = sum(len(e.message.value() or b"") for e in buffer.events) + sum(
-            len(m.value() or b"") for m, _ in buffer.poison
-        )
+        buffer.payload_bytes = sum(len(m.value() or b"") for m in buffer.messages())
         self._revoked = set()
 
     def _count(
