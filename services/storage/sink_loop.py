@@ -5,10 +5,23 @@ search index, by size or age for the lake), written idempotently, and only then 
 offsets committed: a crash re-reads what was not committed, and the idempotent write makes
 the second copy a no-op. A buffer is also due at FLUSH_BYTES of payload, whatever its
 record count: events may be up to 1 MiB each, and the lake's 50,000 records of them would
-not fit in memory. A store that is down makes the loop wait with growing backoff (a
-circuit breaker per sink: while open, no write is attempted until the next probe) and its
-lag grows; the other sinks, in loops of their own, go on. A record the store refuses for
-good goes to the DLQ as `sink_failed` and the sink moves on.
+not fit in memory.
+
+While one buffer is written, the next one fills: the store's work overlaps the loop's
+reading and decoding instead of adding to it, and a buffer due while the previous one is
+still being written goes on filling (up to FILL_BATCHES batches), so a slow store gets
+larger writes, which cost it less per record. Every call on the consumer (read, commit,
+seek, close) is made from the loop, on one thread of its own, never from the write: the
+client serialises calls from several threads, and a commit queued behind a read, or a
+revoke that waits for a write whose commit waits for the revoke, would stall the sink.
+Flushes commit in order, and a buffer starts where the previous one ended, which is the
+committed offset once that flush has committed (the lake names its objects by it); if that
+commit fails, both buffers are dropped and read again from the first.
+
+A store that is down makes the loop wait with growing backoff (a circuit breaker per
+sink: while open, no write is attempted until the next probe) and its lag grows; the other
+sinks, in loops of their own, go on. A record the store refuses for good goes to the DLQ
+as `sink_failed` and the sink moves on.
 
 No record can stop a sink: anything else a sink's write raises (a bug, a value a client
 library cannot handle) is taken as being about some record in the batch. The loop bisects
@@ -19,10 +32,15 @@ found; those are dead-lettered as `sink_failed` with the exception, the rest are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -40,13 +58,22 @@ from services.storage.sinks.base import Refused, Sink, StoredEvent, Write
 
 log = logging.getLogger(__name__)
 FLUSH_BYTES = 64 * 1024 * 1024
+# A buffer due while the previous one is being written fills on, up to this many batches.
+FILL_BATCHES = 4
+# How long a read waits for records while a due buffer waits for the write in flight: the
+# write's end is only seen between reads.
+READ_WHILE_WRITING_S = 0.01
+# How long a revoke waits for the write in flight before giving its partitions away.
+REVOKE_WAIT_S = 120
+T = TypeVar("T")
 
 
 @dataclass
 class Buffer:
     events: list[StoredEvent] = field(default_factory=list)
     poison: list[tuple[Message, str]] = field(default_factory=list)
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # the next to read
+    first: dict[tuple[str, int], int] = field(default_factory=dict)  # the first buffered
     since: float = 0.0
     payload_bytes: int = 0
     # Begun with the first record: a sampled record's span covers its wait in the buffer too.
@@ -57,6 +84,34 @@ class Buffer:
 
     def messages(self) -> list[Message]:
         return [e.message for e in self.events] + [m for m, _ in self.poison]
+
+
+@dataclass
+class Written:
+    """What a buffer's write did; its offsets are committed after."""
+
+    allowed: list[StoredEvent]
+    refused: Refused
+    dead_letters: int
+    started: float  # monotonic
+    stored_at: float  # Unix time the write ended: the events' end to end
+
+
+@dataclass
+class Flush:
+    """A buffer being written. The loop commits it once written, or a revoke does first."""
+
+    buffer: Buffer
+    trace: BatchTrace
+    write: asyncio.Task[Written] | None = None
+    written: Written | None = None  # once the write succeeded
+    # Set when the write has ended, however: a revoke, on the consumer's thread, waits for it.
+    ended: threading.Event = field(default_factory=threading.Event)
+    committed: bool | None = None  # None: not yet tried
+
+    def task(self) -> asyncio.Task[Written]:
+        assert self.write is not None
+        return self.write
 
 
 class SinkLoop:
@@ -104,8 +159,12 @@ class SinkLoop:
                 "stats_cb": metrics.consumer_lag_callback(group),
             },
         )
+        self.fill_records = max(flush_records, FILL_BATCHES * batch_size)
+        # Every consumer call runs on this one thread (see the module's docstring).
+        self._consumer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage}-consumer")
         self.running = False
         self._revoked: set[tuple[str, int]] = set()
+        self._flush: Flush | None = None  # the buffer being written, if any
 
     async def run(self) -> None:
         self.consumer.subscribe([PROCESSED], on_revoke=self._on_revoke)
@@ -114,24 +173,50 @@ class SinkLoop:
         log.info("sink running", extra={"sink": self.sink.name, "stage": self.stage})
         try:
             while not self.stop.is_set():
-                messages = await asyncio.to_thread(
-                    self.consumer.consume, self.batch_size, self.batch_timeout_s
+                waiting = self._flush is not None and len(buffer) > 0 and self._due(buffer)
+                messages = await self._on_consumer_thread(
+                    self.consumer.consume,
+                    self.batch_size,
+                    READ_WHILE_WRITING_S if waiting else self.batch_timeout_s,
                 )
+                flush = self._flush
+                if flush is not None and flush.ended.is_set() and not await self._settle(buffer, messages):
+                    buffer = Buffer()
+                    continue
                 self._drop_revoked(buffer)
                 for message in messages:
                     if usable(message):
                         self._add(buffer, message)
                 if len(buffer) and self._due(buffer):
-                    async with consumer_kept_alive(self.consumer):
-                        buffer = await self._flush(buffer)
-            if len(buffer):
-                buffer = await self._flush(buffer)  # graceful stop: leave nothing to redo
+                    if self._flush is not None:
+                        if not self._full(buffer):
+                            continue
+                        async with consumer_kept_alive(self.consumer):
+                            await asyncio.wait([self._flush.task()])
+                        if not await self._settle(buffer, []):
+                            buffer = Buffer()
+                            continue
+                    self._start_flush(buffer)
+                    buffer = Buffer()
+            # Graceful stop: leave nothing to redo.
+            if await self._settle(buffer, []) and len(buffer):
+                self._start_flush(buffer)
+                await self._settle(Buffer(), [])
         except Stopping:
             pass  # not committed: read again after restart, written again idempotently
         finally:
             self.running = False
-            await asyncio.to_thread(self.consumer.close)
-            log.info("sink stopped", extra={"sink": self.sink.name})
+            try:
+                if self._flush is not None:
+                    with contextlib.suppress(Stopping):
+                        await self._flush.task()  # re-raises a fatal error of its write
+            finally:
+                await self._on_consumer_thread(self.consumer.close)
+                self._consumer_thread.shutdown()
+                log.info("sink stopped", extra={"sink": self.sink.name})
+
+    async def _on_consumer_thread(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._consumer_thread, call, *args)
 
     def _add(self, buffer: Buffer, message: Message) -> None:
         if not len(buffer):
@@ -139,7 +224,9 @@ class SinkLoop:
         if buffer.trace is None:
             buffer.trace = self.tracer.batch()
         buffer.trace.add(message)
-        buffer.offsets[(message.topic(), message.partition())] = message.offset() + 1
+        partition = (message.topic(), message.partition())
+        buffer.first.setdefault(partition, message.offset())
+        buffer.offsets[partition] = message.offset() + 1
         payload = message.value() or b""
         buffer.payload_bytes += len(payload)
         try:
@@ -154,10 +241,20 @@ class SinkLoop:
             or time.monotonic() - buffer.since >= self.flush_seconds
         )
 
-    async def _flush(self, buffer: Buffer) -> Buffer:
-        """Writes the buffer; the end of its records' traces."""
-        started = time.monotonic()
-        with buffer.trace or self.tracer.batch() as trace:
+    def _full(self, buffer: Buffer) -> bool:
+        """No more records while the previous buffer is written."""
+        return len(buffer) >= self.fill_records or buffer.payload_bytes >= FLUSH_BYTES
+
+    def _start_flush(self, buffer: Buffer) -> None:
+        """The buffer's write, in a task; the loop settles it."""
+        self._flush = Flush(buffer, buffer.trace or self.tracer.batch())
+        self._flush.write = asyncio.create_task(self._write_buffer(self._flush))
+
+    async def _write_buffer(self, flush: Flush) -> Written:
+        """Writes the buffer and sends its dead letters; no consumer call."""
+        buffer, trace = flush.buffer, flush.trace
+        try:
+            started = time.monotonic()
             allowed = await self.waiter.call("opa", lambda: self._allowed(buffer.events, trace))
             refused = await self._write(allowed) if allowed else []
             failures = [
@@ -169,18 +266,47 @@ class SinkLoop:
             ]
             if failures:
                 await asyncio.to_thread(self._send_dead_letters, failures)
-            committed = await asyncio.to_thread(self._commit, buffer.offsets)
-            trace.count(
-                {
-                    "stored": len(allowed) - len(refused),
-                    "dead_letters": len(failures),
-                    "filtered": len(buffer.events) - len(allowed),
-                    "committed": committed,
-                }
-            )
-        if committed:
-            self._count(buffer, allowed, refused, time.monotonic() - started)
-        return Buffer()
+            flush.written = Written(allowed, refused, len(failures), started, time.time())
+            return flush.written
+        except BaseException as e:
+            trace.end(e)  # its records are read again
+            raise
+        finally:
+            flush.ended.set()
+
+    async def _settle(self, buffer: Buffer, messages: list[Message]) -> bool:
+        """Wait for the buffer being written, if any, and commit its offsets (unless a revoke
+        did). False if they were not committed: then the partitions are rewound to its first
+        records, so that it, `buffer` and `messages` (all read after it) are read again,
+        and the caller drops `buffer` and `messages`."""
+        flush, self._flush = self._flush, None
+        if flush is None:
+            return True
+        written = await flush.task()  # raises what the write raised: Stopping, or a bug
+        if flush.committed is None:
+            flush.committed = await self._on_consumer_thread(self._commit, flush.buffer.offsets)
+        flush.trace.count(
+            {
+                "stored": len(written.allowed) - len(written.refused),
+                "dead_letters": written.dead_letters,
+                "filtered": len(flush.buffer.events) - len(written.allowed),
+                "committed": flush.committed,
+            }
+        )
+        flush.trace.end()
+        if flush.committed:
+            self._count(flush.buffer, written)
+            return True
+        first = dict(flush.buffer.first)
+        for partition, offset in buffer.first.items():
+            first.setdefault(partition, offset)
+        for message in filter(usable, messages):
+            first.setdefault((message.topic(), message.partition()), message.offset())
+        for (topic, partition), offset in first.items():
+            with contextlib.suppress(KafkaException):  # revoked meanwhile: its next owner reads it
+                await self._on_consumer_thread(self.consumer.seek, TopicPartition(topic, partition, offset))
+        self._end_trace(buffer, "read again after the previous flush was not committed")
+        return False
 
     async def _write(self, events: list[StoredEvent]) -> Refused:
         """The sink's write, waiting out its store; the refused events with the reason."""
@@ -237,8 +363,19 @@ class SinkLoop:
             return False
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Runs inside consume(): buffered records of these partitions now belong to their
-        # next owner, who reads them from the committed offset; drop ours.
+        # Runs inside consume(), on the consumer's thread. The buffer being written is
+        # committed here, once written, so the partitions' next owner starts after it
+        # instead of writing it again; the loop is waiting for this read meanwhile, so no
+        # other consumer call runs. Buffered records of these partitions now belong to that
+        # owner, who reads them from the committed offset: the loop drops ours.
+        flush = self._flush
+        if flush is not None and flush.committed is None:
+            if not flush.ended.wait(REVOKE_WAIT_S):
+                log.warning(
+                    "revoking partitions with a write still in flight", extra={"sink": self.sink.name}
+                )
+            elif flush.written is not None:
+                flush.committed = self._commit(flush.buffer.offsets)
         self._revoked.update((p.topic, p.partition) for p in partitions)
 
     def _drop_revoked(self, buffer: Buffer) -> None:
@@ -252,16 +389,19 @@ class SinkLoop:
         buffer.events = [e for e in buffer.events if (e.message.topic(), e.message.partition()) not in gone]
         buffer.poison = [(m, r) for m, r in buffer.poison if (m.topic(), m.partition()) not in gone]
         buffer.offsets = {tp: o for tp, o in buffer.offsets.items() if tp not in gone}
+        buffer.first = {tp: o for tp, o in buffer.first.items() if tp not in gone}
         buffer.payload_bytes = sum(len(m.value() or b"") for m in buffer.messages())
         self._revoked = set()
 
-    def _count(
-        self,
-        buffer: Buffer,
-        allowed: list[StoredEvent],
-        refused: Refused,
-        seconds: float,
-    ) -> None:
+    def _end_trace(self, buffer: Buffer, reason: str) -> None:
+        """The end of a dropped buffer's traces: its records are read again."""
+        if buffer.trace is not None:
+            for message in buffer.messages():
+                buffer.trace.outcome(message, "dropped", reason)
+            buffer.trace.end()
+
+    def _count(self, buffer: Buffer, written: Written) -> None:
+        allowed, refused = written.allowed, written.refused
         stage = self.stage
         metrics.RECORDS_IN.labels(stage).inc(len(buffer))
         metrics.RECORDS_OUT.labels(stage, self.sink.name).inc(len(allowed) - len(refused))
@@ -273,9 +413,9 @@ class SinkLoop:
         if len(buffer.events) > len(allowed):
             metrics.FILTERED.labels(stage, "policy").inc(len(buffer.events) - len(allowed))
         metrics.BATCH_SIZE.labels(stage).observe(len(buffer))
-        metrics.BATCH_SECONDS.labels(stage).observe(seconds)
-        # From the broker's stamp on the raw record (received_at) to now, committed here.
-        stored_at_us = time.time() * 1_000_000
+        metrics.BATCH_SECONDS.labels(stage).observe(time.monotonic() - written.started)
+        # From the broker's stamp on the raw record (received_at) to the end of the write.
+        stored_at_us = written.stored_at * 1_000_000
         observe = metrics.END_TO_END_SECONDS.labels(self.sink.name).observe
         not_stored = {id(event) for event, _ in refused}
         for event in allowed:

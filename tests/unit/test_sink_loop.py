@@ -1,16 +1,19 @@
 """The sink loop (SinkLoop) on a fake consumer, a fake DLQ producer, a fake OPA and a fake
-sink: when it flushes, that offsets are committed only after the sink wrote, what goes to
-the DLQ, and what a revoke drops from the buffer."""
+sink: when it flushes, that offsets are committed only after the sink wrote, that the next
+batch is read while one is written, what goes to the DLQ, and what a revoke or a failed
+commit drops."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from services.common.avro import AvroSerde, SchemaStore
 from services.common.dependencies import DependencyUnavailable, DependencyWaiter
@@ -77,13 +80,32 @@ class FakeSink:
 
 
 class CommitRecording(FakeConsumer):
-    """Puts its commits into the sink's event list, to see their order."""
+    """Puts its commits into the sink's event list, to see their order; refuses the first
+    `refused_commits` (a rebalance under way). Notes the threads that read, commit, seek
+    and close."""
 
-    def __init__(self, events: list[Any], *args: Any, **kwargs: Any):
+    def __init__(self, events: list[Any], *args: Any, refused_commits: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.events = events
+        self.events, self.refused_commits = events, refused_commits
+        self.threads: set[str] = set()
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
+        self.threads.add(threading.current_thread().name)
+        return super().consume(num_messages, timeout)
+
+    def seek(self, partition: TopicPartition) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().seek(partition)
+
+    def close(self) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().close()
 
     def commit(self, offsets: list, asynchronous: bool = True) -> None:  # type: ignore[type-arg]
+        self.threads.add(threading.current_thread().name)
+        if self.refused_commits:
+            self.refused_commits -= 1
+            raise KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
         super().commit(offsets, asynchronous)
         self.events.append(("commit", self.commits[-1]))
 
@@ -102,23 +124,28 @@ class Run:
         flush_seconds: float = 0.0,
         down: bool = False,
         commit_error: KafkaError | None = None,
+        refused_commits: int = 0,
     ):
         self.log, self.batch_size = log, batch_size
         self.flush_records, self.flush_seconds = flush_records, flush_seconds
-        self.commit_error = commit_error
+        self.commit_error, self.refused_commits = commit_error, refused_commits
         self.events: list[Any] = []
         self.sink = FakeSink(self.events, down=down)
         self.dlq = FakeProducer()
         self.opa = FakeOpa(allow_all_but_heartbeats)
         self.before_consume = None
+        # Stop once the input is drained and this holds (else at the first time drained).
+        self.until: Callable[[], bool] = lambda: True
         self.loop: SinkLoop | None = None
 
     def run(self) -> None:
         async def main() -> None:
             stop = asyncio.Event()
+            stop_now = stop_when_drained(stop)
             self.consumer = CommitRecording(
-                self.events, self.log, drained=stop_when_drained(stop),
+                self.events, self.log, drained=lambda: self.until() and stop_now(),
                 before_consume=self.before_consume, commit_error=self.commit_error,
+                refused_commits=self.refused_commits,
             )  # fmt: skip
             self.loop = SinkLoop(
                 self.sink, clients=None, instance="test", store=STORE, opa=self.opa, dlq=self.dlq, stop=stop,  # type: ignore[arg-type]
@@ -160,12 +187,40 @@ def test_offsets_are_committed_after_the_sink_wrote_each_batch() -> None:
     assert run.consumer.closed
 
 
-def test_a_flush_is_due_by_size() -> None:
-    # Batches of 2, flushed at 3 or more: writes of 4 and then (at stop) the last 1.
-    run = Run({(PROCESSED, 0): records(0, *"abcde")}, batch_size=2, flush_records=3, flush_seconds=3600)
+def test_the_next_batch_is_read_while_the_previous_one_is_written() -> None:
+    # The first write waits (up to 10 s) for the second read: it only comes in time if
+    # reading goes on while a buffer is written.
+    run = Run({(PROCESSED, 0): records(0, "a", "b", "c", "d")}, batch_size=2)
+    second_read = threading.Event()
+    run.before_consume = lambda consumer, call: call == 2 and second_read.set()  # type: ignore[assignment]
+    write = run.sink.write
+
+    async def write_once_read_on(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        run.events.append(("read on", await asyncio.to_thread(second_read.wait, 10)))
+        return await write(events)
+
+    run.sink.write = write_once_read_on  # type: ignore[method-assign]
     run.run()
-    assert run.sink.writes == [["a", "b", "c", "d"], ["e"]]
-    assert run.consumer.commits == [[(PROCESSED, 0, 4)], [(PROCESSED, 0, 5)]]
+    assert run.events[:2] == [("read on", True), ("write", ["a", "b"])]
+    assert run.sink.writes == [["a", "b"], ["c", "d"]]
+    assert run.consumer.commits == [[(PROCESSED, 0, 2)], [(PROCESSED, 0, 4)]]
+
+
+def test_a_buffer_due_while_the_previous_is_written_fills_on() -> None:
+    # a,b's write lasts until the fourth read: c..h, read meanwhile, go in one write.
+    run = Run({(PROCESSED, 0): records(0, *"abcdefgh")}, batch_size=2)
+    fourth_read = threading.Event()
+    run.before_consume = lambda consumer, call: call == 4 and fourth_read.set()  # type: ignore[assignment]
+    write = run.sink.write
+
+    async def write_after_fourth_read(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        await asyncio.to_thread(fourth_read.wait, 10)
+        return await write(events)
+
+    run.sink.write = write_after_fourth_read  # type: ignore[method-assign]
+    run.run()
+    assert run.sink.writes == [["a", "b"], ["c", "d", "e", "f", "g", "h"]]
+    assert run.consumer.commits == [[(PROCESSED, 0, 2)], [(PROCESSED, 0, 8)]]
 
 
 def test_a_flush_is_due_by_payload_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,6 +229,14 @@ def test_a_flush_is_due_by_payload_bytes(monkeypatch: pytest.MonkeyPatch) -> Non
     run = Run({(PROCESSED, 0): records(0, *"abcde")}, batch_size=1, flush_records=1000, flush_seconds=3600)
     run.run()
     assert run.sink.writes == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_a_flush_is_due_by_size() -> None:
+    # Batches of 2, flushed at 3 or more: writes of 4 and then (at stop) the last 1.
+    run = Run({(PROCESSED, 0): records(0, *"abcde")}, batch_size=2, flush_records=3, flush_seconds=3600)
+    run.run()
+    assert run.sink.writes == [["a", "b", "c", "d"], ["e"]]
+    assert run.consumer.commits == [[(PROCESSED, 0, 4)], [(PROCESSED, 0, 5)]]
 
 
 def test_a_flush_is_due_by_age(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,6 +328,57 @@ def test_a_revoked_partition_is_dropped_from_the_buffer() -> None:
     assert run.sink.writes == [["a0", "a1"]]
     assert run.consumer.commits == [[(PROCESSED, 0, 2)]]
     assert run.dlq.produced == []  # p1's undecodable record is its new owner's to dead-letter
+
+
+def test_a_revoke_waits_for_the_flush_in_flight() -> None:
+    # p0 is revoked while its first batch is being written: the revoke returns only once
+    # that batch is committed, so p0's next owner starts after it.
+    revoking = threading.Event()
+    run = Run({(PROCESSED, 0): records(0, "a", "b", "c", "d")}, batch_size=2)
+
+    def revoke_p0(consumer: FakeConsumer, call: int) -> None:
+        if call == 2:
+            revoking.set()
+            consumer.revoke([(PROCESSED, 0)])
+            run.events.append(("revoked",))
+
+    write = run.sink.write
+
+    async def write_while_revoking(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        await asyncio.to_thread(revoking.wait, 10)
+        return await write(events)
+
+    run.before_consume = revoke_p0  # type: ignore[assignment]
+    run.sink.write = write_while_revoking  # type: ignore[method-assign]
+    run.run()
+    assert run.events == [("write", ["a", "b"]), ("commit", [(PROCESSED, 0, 2)]), ("revoked",)]
+
+
+def test_a_failed_commit_drops_the_next_buffer_and_both_are_read_again() -> None:
+    # a,b's commit is refused while c,d are read: both are read again from a, so each
+    # write starts at the committed offset (the lake names its objects by it).
+    run = Run({(PROCESSED, 0): records(0, "a", "b", "c", "d")}, batch_size=2, refused_commits=1)
+    run.until = lambda: run.consumer.commits[-1:] == [[(PROCESSED, 0, 4)]] or run.consumer.calls > 50
+    run.run()
+    assert run.sink.writes == [["a", "b"], ["a", "b"], ["c", "d"]]
+    assert run.consumer.seeks == [(PROCESSED, 0, 0)]
+    assert run.consumer.commits == [[(PROCESSED, 0, 2)], [(PROCESSED, 0, 4)]]
+    assert run.count("pipeline_records_in_total") == 4
+
+
+def test_every_consumer_call_is_made_on_one_thread_of_its_own() -> None:
+    # The client serialises calls from several threads: a commit from the write's thread
+    # would queue behind a read, and deadlock with a revoke waiting for that write.
+    run = Run(
+        {(PROCESSED, 0): records(0, *"abcdef"), (PROCESSED, 1): records(1, "g")},
+        batch_size=2,
+        refused_commits=1,
+    )
+    run.before_consume = lambda consumer, call: call == 3 and consumer.revoke([(PROCESSED, 1)])  # type: ignore[assignment]
+    run.run()
+    assert run.consumer.seeks and run.consumer.commits and run.consumer.closed  # each call was made
+    (thread,) = run.consumer.threads
+    assert thread.startswith("storage-postgres-consumer")  # not the default executor's
 
 
 def test_nothing_is_committed_while_the_store_is_down() -> None:
