@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -63,8 +63,10 @@ FILL_BATCHES = 4
 # How long a read waits for records while a due buffer waits for the write in flight: the
 # write's end is only seen between reads.
 READ_WHILE_WRITING_S = 0.01
-# How long a revoke waits for the write in flight before giving its partitions away.
-REVOKE_WAIT_S = 120
+# How long a store may be away with the sink still in its group (max.poll.interval.ms, the
+# group's rebalance timeout): a revoke waits that long for the write in flight, since past
+# it the broker gives the partitions away anyway.
+STORE_AWAY_S = 3600
 T = TypeVar("T")
 
 
@@ -97,21 +99,17 @@ class Written:
     stored_at: float  # Unix time the write ended: the events' end to end
 
 
-@dataclass
 class Flush:
-    """A buffer being written. The loop commits it once written, or a revoke does first."""
+    """A buffer being written by `write`, in a task. The loop commits it once written, or a
+    revoke does first."""
 
-    buffer: Buffer
-    trace: BatchTrace
-    write: asyncio.Task[Written] | None = None
-    written: Written | None = None  # once the write succeeded
-    # Set when the write has ended, however: a revoke, on the consumer's thread, waits for it.
-    ended: threading.Event = field(default_factory=threading.Event)
-    committed: bool | None = None  # None: not yet tried
-
-    def task(self) -> asyncio.Task[Written]:
-        assert self.write is not None
-        return self.write
+    def __init__(self, buffer: Buffer, trace: BatchTrace, write: Callable[[Flush], Awaitable[Written]]):
+        self.buffer, self.trace = buffer, trace
+        self.written: Written | None = None  # once the write succeeded
+        # Set when the write has ended, however: a revoke, on the consumer's thread, waits for it.
+        self.ended = threading.Event()
+        self.committed: bool | None = None  # None: not yet tried
+        self.task = asyncio.create_task(write(self))
 
 
 class SinkLoop:
@@ -154,7 +152,7 @@ class SinkLoop:
                 # Static membership, as for the stages: a restart takes the partitions back at once.
                 "group.instance.id": instance_id(self.stage, instance),
                 # A store may be away for long: stay in the group while we wait for it.
-                "max.poll.interval.ms": 3_600_000,
+                "max.poll.interval.ms": STORE_AWAY_S * 1000,
                 "statistics.interval.ms": 5000,
                 "stats_cb": metrics.consumer_lag_callback(group),
             },
@@ -192,7 +190,7 @@ class SinkLoop:
                         if not self._full(buffer):
                             continue
                         async with consumer_kept_alive(self.consumer):
-                            await asyncio.wait([self._flush.task()])
+                            await asyncio.wait([self._flush.task])
                         if not await self._settle(buffer, []):
                             buffer = Buffer()
                             continue
@@ -209,7 +207,7 @@ class SinkLoop:
             try:
                 if self._flush is not None:
                     with contextlib.suppress(Stopping):
-                        await self._flush.task()  # re-raises a fatal error of its write
+                        await self._flush.task  # re-raises a fatal error of its write
             finally:
                 await self._on_consumer_thread(self.consumer.close)
                 self._consumer_thread.shutdown()
@@ -247,8 +245,7 @@ class SinkLoop:
 
     def _start_flush(self, buffer: Buffer) -> None:
         """The buffer's write, in a task; the loop settles it."""
-        self._flush = Flush(buffer, buffer.trace or self.tracer.batch())
-        self._flush.write = asyncio.create_task(self._write_buffer(self._flush))
+        self._flush = Flush(buffer, buffer.trace or self.tracer.batch(), self._write_buffer)
 
     async def _write_buffer(self, flush: Flush) -> Written:
         """Writes the buffer and sends its dead letters; no consumer call."""
@@ -282,7 +279,7 @@ class SinkLoop:
         flush, self._flush = self._flush, None
         if flush is None:
             return True
-        written = await flush.task()  # raises what the write raised: Stopping, or a bug
+        written = await flush.task  # raises what the write raised: Stopping, or a bug
         if flush.committed is None:
             flush.committed = await self._on_consumer_thread(self._commit, flush.buffer.offsets)
         flush.trace.count(
@@ -363,14 +360,17 @@ class SinkLoop:
             return False
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Runs inside consume(), on the consumer's thread. The buffer being written is
-        # committed here, once written, so the partitions' next owner starts after it
-        # instead of writing it again; the loop is waiting for this read meanwhile, so no
-        # other consumer call runs. Buffered records of these partitions now belong to that
-        # owner, who reads them from the committed offset: the loop drops ours.
+        # Runs inside consume(), on the consumer's thread, while the loop waits for that read:
+        # no other consumer call runs. The partitions go only once the write in flight has
+        # ended, committed here if it succeeded, so their next owner starts after it. Given
+        # away sooner, its write could land after the next owner's, and the lake (objects
+        # named by first offset) would keep the shorter object. A write ends however its
+        # store is doing: stored, failed, or stopped by SIGTERM. Buffered records of these
+        # partitions belong to the next owner, who reads them from the committed offset:
+        # the loop drops ours.
         flush = self._flush
         if flush is not None and flush.committed is None:
-            if not flush.ended.wait(REVOKE_WAIT_S):
+            if not flush.ended.wait(STORE_AWAY_S):
                 log.warning(
                     "revoking partitions with a write still in flight", extra={"sink": self.sink.name}
                 )

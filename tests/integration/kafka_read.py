@@ -69,11 +69,20 @@ def read_record(
 
 def end_offsets(config: dict[str, Any], topic: str) -> int:
     """The sum of the topic's partitions' end offsets: records ever written."""
+    return sum(partition_end_offsets(config, lambda name: name == topic).values())
+
+
+def partition_end_offsets(
+    config: dict[str, Any], wanted: Callable[[str], bool]
+) -> dict[tuple[str, int], int]:
+    """The end offset, now, of each partition of the topics whose names `wanted` takes."""
     consumer = Consumer({**config, **QUIET, "group.id": f"unused-{uuid.uuid4()}"})
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
-        )
+        return {
+            (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for topic, meta in consumer.list_topics(timeout=10).topics.items()
+            if wanted(topic)
+            for p in meta.partitions
+        }
     finally:
         consumer.close()

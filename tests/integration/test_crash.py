@@ -6,12 +6,13 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from deploy.local.stack import Stack
 from services.common.avro import SerdeError
 from services.common.topology import RAW_PREFIX, VALIDATED
 from tests.integration.kafka_helpers import QUIET, eventually
+from tests.integration.kafka_read import partition_end_offsets
 from tests.integration.pipeline_helpers import DLQ_SERDE, TopicReader, metric, produce_all, produce_events
 from tests.integration.stores import pg_rows
 from tests.integration.test_pipeline import all_ids, expected_ids, fresh_events
@@ -24,7 +25,10 @@ def dead_letter_reader(stack: Stack, values: set[bytes]) -> TopicReader:
     Only from now on: the generator repeats some invalid bytes across seeds (a log line made
     of a valid event's last 40 bytes), so earlier tests' dead letters can carry the same
     values, and would count as doubles."""
-    since = end_offsets(stack)
+    since = partition_end_offsets(
+        stack.client_config("admin-bootstrap"),
+        lambda topic: topic.startswith(RAW_PREFIX) or topic == VALIDATED,
+    )
 
     def keep(message):  # type: ignore[no-untyped-def]
         try:
@@ -36,25 +40,6 @@ def dead_letter_reader(stack: Stack, values: set[bytes]) -> TopicReader:
         return letter["value"] if letter["value"] in values else None
 
     return TopicReader(stack, "pipeline.dlq", keep)
-
-
-def end_offsets(stack: Stack) -> dict[tuple[str, int], int]:
-    """The end offset, now, of each partition of the topics stages read (raw and validated)."""
-    consumer = Consumer(
-        stack.client_config("admin-bootstrap", **QUIET, **{"group.id": f"ends-{uuid.uuid4()}"})
-    )
-    try:
-        topics = consumer.list_topics(timeout=10).topics
-        return {
-            (topic, partition): consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[
-                1
-            ]
-            for topic, meta in topics.items()
-            if topic.startswith(RAW_PREFIX) or topic == VALIDATED
-            for partition in meta.partitions
-        }
-    finally:
-        consumer.close()
 
 
 def test_every_service_killed_and_the_broker_restarted_mid_stream(stack: Stack) -> None:
