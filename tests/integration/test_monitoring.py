@@ -75,7 +75,13 @@ def test_lag_panels_grow_while_a_sink_store_is_stopped_and_fall_after(stack: Sta
             eventually(lambda: (total(stack, lag) or 0) >= 200, 120, f"{LAKE_GROUP} 200+ records behind")
             before = total(stack, lag) or 0
             produce_all(stack, [raw_event(event_id=str(uuid.uuid4())) for _ in range(200)])
-            eventually(lambda: (total(stack, lag) or 0) >= before + 200, 120, f"{LAKE_GROUP} lag growing")
+            # Not `before + 200`: the figure counts transaction markers too (one per processor
+            # transaction), so `before` may hold a few more than the records (seen: 402
+            # with 400 records behind, short of it). Every record of both rounds is behind
+            # while S3 is away.
+            eventually(
+                lambda: (total(stack, lag) or 0) >= max(400, before + 1), 120, f"{LAKE_GROUP} lag growing"
+            )
             eventually(lambda: (total(stack, age) or 0) > 0, 60, f"{LAKE_GROUP} seconds behind")
         finally:
             stack.s3.start()

@@ -71,8 +71,14 @@ def test_events_flow_through_three_renewals_of_every_identity(short_lived: Stack
 
     wait_stored(stack, ids, timeout=300)
     assert_exactly_once(stack, ids)
+    # Each identity renews on its own clock: a service's last renewal may come a little after
+    # the servers' (seen: the ingester's third, once).
     for service in ("ingester", "processor", "storage"):
-        assert renewals_logged(stack, service) >= RENEWALS, f"{service}: fewer than {RENEWALS} renewals"
+        eventually(
+            lambda s=service: renewals_logged(stack, s) >= RENEWALS,
+            TTL_S,
+            f"{service}: {RENEWALS} renewals logged",
+        )
 
     # The SVID a client held at the start has expired by now (or soon): the broker refuses it.
     eventually(lambda: datetime.now(UTC) > first.not_after, TTL_S, "the first SVID expired")
