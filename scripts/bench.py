@@ -27,7 +27,8 @@ runs from that timestamp to the record being readable on pipeline.analytics); th
 a fraction of the baseline; the cores the whole machine was busy meanwhile (a noisy run shows);
 per phase, the CPU seconds (and µs per event) of every process: the broker, PostgreSQL,
 Elasticsearch, S3Proxy, OPA, each service and its supervisor (each with the processes it
-started), the load generator (this process), and "other": the machine's busy CPU beyond them.
+started; with --instances N, a service's N instances together), the load generator (this
+process), and "other": the machine's busy CPU beyond them.
 A group's lag is what its input topic received minus what the stage consumed, from the same
 counters and the raw topics' end offsets (the exported pipeline_consumer_lag gauge is recorded
 too, as lag_metric). Writes <out>/<UTC timestamp>.json (machine, settings, results and the
@@ -70,6 +71,7 @@ from scripts.benchlib import (
     SINKS,
     STAGES,
     Sample,
+    add_instances_option,
     busy_seconds,
     end_offsets,
     exit_on_signals,
@@ -151,6 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="events through the pipeline first, unmeasured (the JVMs' JIT compilation settles)",
     )
     parser.add_argument("--batch-size", type=int, default=2000, help="PIPELINE_BATCH_SIZE of the services")
+    add_instances_option(parser)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between /metrics samples")
     parser.add_argument(
         "--timeout", type=float, default=600, help="per phase: wait at most this for PostgreSQL"
@@ -197,7 +200,8 @@ class Sampler(threading.Thread):
     def __init__(self, stack: Stack, interval: float, t0: float):
         super().__init__(name="metrics-sampler", daemon=True)
         self.stack = stack
-        self.urls = {name: service.url for name, service in stack.services.items()}
+        # Every instance's /metrics, by instance name, with its service.
+        self.urls = {name: (i.service, i.url) for name, i in stack.instances.items()}
         self.interval, self.t0 = interval, t0
         self.samples: list[dict[str, Any]] = []
         self.done = threading.Event()
@@ -229,21 +233,23 @@ class Sampler(threading.Thread):
     ) -> dict[str, Any]:
         """One sample; "at" says when each service's answer came (its counters' time)."""
         t = round(time.time() - self.t0, 3)
-        answers = {service: pool.submit(self._scrape, url) for service, url in self.urls.items()}
+        answers = [(service, pool.submit(self._scrape, url)) for service, url in self.urls.values()]
         produced = sum(raw.get_watermark_offsets(tp, timeout=5)[1] for tp in partitions)
         sample: dict[str, Any] = {"t": t, "at": {}, "in": {}, "out": {}, "lag": {}, "lag_metric": {}}
-        for service, answer in answers.items():
-            if (got := answer.result()) is None:
-                continue  # not up (yet), or stopped
-            sample["at"][service], metrics = got
-            for name, labels, value in metrics:
+        scraped: dict[str, list[tuple[float, list[Sample]] | None]] = {}
+        for service, answer in answers:
+            scraped.setdefault(service, []).append(answer.result())
+        for service, got in scraped.items():
+            if None in got:
+                continue  # not up (yet), or stopped: a part of its counters would read as a fall
+            sample["at"][service] = max(at for at, _ in got)
+            for name, labels, value in (m for _, metrics in got for m in metrics):
                 if name == RECORDS_IN_METRIC:
-                    sample["in"][labels["stage"]] = value
+                    _add(sample["in"], labels["stage"], value)
                 elif name == RECORDS_OUT_METRIC:
-                    sample["out"][f"{labels['stage']}>{labels['topic']}"] = value
+                    _add(sample["out"], f"{labels['stage']}>{labels['topic']}", value)
                 elif name == CONSUMER_LAG_METRIC:
-                    group = labels["group"]
-                    sample["lag_metric"][group] = sample["lag_metric"].get(group, 0) + value
+                    _add(sample["lag_metric"], labels["group"], value)
         for stage, (group, source) in GROUPS.items():
             upstream = None if source is None else STAGES[source.split(">")[0]]
             if STAGES[stage] in sample["at"] and (upstream is None or upstream in sample["at"]):
@@ -309,6 +315,14 @@ class Store:
         self.loop.close()
 
 
+def _indented(line: str) -> None:
+    print(f"  {line}", flush=True)
+
+
+def _add(totals: dict[str, float], key: str, value: float) -> None:
+    totals[key] = totals.get(key, 0.0) + value
+
+
 def stored_ids(events: list[GeneratedEvent]) -> list[str]:
     return sorted({orjson.loads(e.value)["event_id"] for e in events if e.kind in STORED_KINDS})
 
@@ -345,12 +359,13 @@ class Pipeline:
             "opa": stack.opa.process,
         }
         cpu: dict[str, float] = {}
-        for name, service in stack.services.items():
+        for instance in stack.instances.values():
             # The supervisor's tree holds the service's: split them (a service that restarted
-            # meanwhile has its earlier runs in the supervisor's reaped time).
-            own = tree_cpu_seconds(service.service_pid, procs)
-            cpu[name] = own
-            cpu[f"{name} supervisor"] = tree_cpu_seconds(service.process.pid, procs) - own
+            # meanwhile has its earlier runs in the supervisor's reaped time). A service's
+            # instances count as one.
+            own = tree_cpu_seconds(instance.service_pid, procs)
+            _add(cpu, instance.service, own)
+            _add(cpu, f"{instance.service} supervisor", tree_cpu_seconds(instance.process.pid, procs) - own)
         jvm: dict[str, float] = {}
         for name, process in servers.items():
             cpu[name] = tree_cpu_seconds(process.pid, procs)
@@ -953,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": seed,
         "producer": "confluent-kafka, operator-cli identity (no quota), acks=all, idempotent, lz4, linger 10 ms",
         "sinks": "postgres, lake, search, analytics",
+        "instances": args.instances,
     }
     before = machine()
     t = time.monotonic()
@@ -965,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     service_env = {"PIPELINE_BATCH_SIZE": str(args.batch_size)}
     samples: list[dict[str, Any]] = []
-    with isolated_stack("bench-", service_env, log=lambda line: print(f"  {line}", flush=True)) as stack:
+    with isolated_stack("bench-", service_env, log=_indented, instances=args.instances) as stack:
         settings["service_env"] = stack.service_env
         pipeline = Pipeline(stack, args.interval, args.timeout, t0)
         try:
@@ -982,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
         # The baseline needs Kafka only: the services stop, and so do the search and S3
         # servers (idle by now but for background work such as index merges).
         for process in [
-            *(s.process for s in reversed(stack.services.values())),
+            *(i.process for i in reversed(stack.instances.values())),
             stack.search.process,
             stack.s3.process,
         ]:

@@ -6,7 +6,9 @@ raw topics (each event to its source's) while the services are stopped, then run
 service alone over the backlog (ingester, then processor, then storage with its four
 sinks side by side, or with --sinks-alone once per sink with only that sink) and reports
 events/s from its first to its last record and the CPU seconds its process (with any
-children) used per 100,000 events. A benchmark, not a test:
+children) used per 100,000 events. With --instances N, N instances of each service run side
+by side, sharing the partitions through their consumer groups (as PIPELINE_<SERVICE>_INSTANCES
+does): rates and CPU are those of all N. A benchmark, not a test:
 nothing asserts. `make bench` (scripts/bench.py) measures the stages running together, end to end.
 """
 
@@ -20,9 +22,12 @@ from collections.abc import Callable
 from deploy.local.stack import Stack
 from scripts.benchlib import (
     SINKS,
+    add_instances_option,
     exit_on_signals,
+    instances_of,
     isolated_stack,
     metric,
+    process_table,
     produce,
     table,
     tree_cpu_seconds,
@@ -70,10 +75,18 @@ def give_up_after(deadline: float, what: str) -> None:
 def run_service(
     stack: Stack, service: str, stages: tuple[str, ...], expected: int, deadline: float
 ) -> list[dict[str, float]]:
-    """Start `service` and time each of its stages from first record in to `expected` in."""
-    stack.start_service(service)
-    pid = stack.services[service].service_pid  # the service, not its supervisor
-    assert pid is not None
+    """Start every instance of `service` and time each of its stages from first record in to
+    `expected` in (summed over the instances), with the CPU of all of them."""
+    instances = instances_of(stack, service)
+    for instance in instances:
+        stack.start_service(instance.name)
+    # The services, not their supervisors.
+    pids = [i.service_pid for i in instances]
+
+    def cpu_seconds() -> float:
+        procs = process_table()
+        return sum(tree_cpu_seconds(pid, procs) for pid in pids)
+
     first: float | None = None
     cpu_first = 0.0
     done_at: dict[str, float] = {}
@@ -81,12 +94,12 @@ def run_service(
         for stage in stages:
             seen = metric(stack, service, RECORDS_IN_METRIC, stage=stage)
             if seen and first is None:
-                first, cpu_first = time.monotonic(), tree_cpu_seconds(pid)
+                first, cpu_first = time.monotonic(), cpu_seconds()
             if seen >= expected and stage not in done_at:
                 done_at[stage] = time.monotonic()
         give_up_after(deadline, service)
         time.sleep(0.05)
-    cpu = tree_cpu_seconds(pid) - cpu_first
+    cpu = cpu_seconds() - cpu_first
     assert first is not None
     return [
         {
@@ -113,15 +126,16 @@ def main() -> None:
         "--warmup", type=int, default=300_000, help="events through the whole pipeline first (0: none)"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
+    add_instances_option(parser)
     args = parser.parse_args()
     deadline = time.monotonic() + args.timeout
     exit_on_signals()
     service_env = {"PIPELINE_BATCH_SIZE": str(args.batch_size), "PIPELINE_LAKE_FLUSH_SECONDS": "5"}
-    with isolated_stack("bench-stages-", service_env) as stack:
+    with isolated_stack("bench-stages-", service_env, instances=args.instances) as stack:
         if args.warmup:
             warm_up(stack, args.warmup, deadline)
-        for service in stack.services.values():
-            service.process.stop()
+        for instance in stack.instances.values():
+            instance.process.stop()
         events = list(generate_events(args.events, seed=1))
         produced = produce(
             stack, [(e.key, e.value) for e in events], topic=[raw_topic(e.source) for e in events]
@@ -135,7 +149,8 @@ def main() -> None:
             for sink in SINK_NAMES:  # each sink's consumer group reads the backlog from the start
                 stack.service_env["PIPELINE_SINKS"] = sink
                 results += run_service(stack, "storage", (sink_stage(sink),), processed, deadline)
-                stack.services["storage"].process.stop()
+                for instance in instances_of(stack, "storage"):
+                    instance.process.stop()
         else:
             results += run_service(stack, "storage", SINKS, processed, deadline)
         print(
@@ -158,7 +173,8 @@ def main() -> None:
             if args.sinks_alone
             else "the four sinks side by side in one process"
         )
-        print(f"(storage: {together}; CPU is the process's)")
+        processes = "the process's" if args.instances == 1 else f"that of the {args.instances} processes"
+        print(f"(storage: {together}; CPU is {processes})")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Benchmarks measure; they never assert on timings.
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import shutil
@@ -23,8 +24,9 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local.components import PipelineService
 from deploy.local.http_client import http
-from deploy.local.stack import SERVICES, Stack, free_ports
+from deploy.local.stack import DEFAULT_PORTS, MAX_INSTANCES, SERVICES, Stack, free_ports, instance_names
 from services.common.topology import STORAGE_STAGES, configured_sources, operator_group, raw_topic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,16 +57,22 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 @contextmanager
 def isolated_stack(
-    prefix: str, service_env: dict[str, str] | None = None, log: Callable[[str], None] | None = None
+    prefix: str,
+    service_env: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+    instances: int = 1,
 ) -> Iterator[Stack]:
     """A complete stack on free ports in a temporary directory, stopped and removed at the end
-    (also on Ctrl-C and SIGTERM: see exit_on_signals)."""
+    (also on Ctrl-C and SIGTERM: see exit_on_signals). `instances` of each service, whatever
+    PIPELINE_*_INSTANCES says: a benchmark decides what it measures."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
-    # One instance of each service, whatever PIPELINE_*_INSTANCES says: the benchmarks scrape
-    # and account for each service as one process (stack.services).
-    one_each = dict.fromkeys(SERVICES, 1)
+    counts = dict.fromkeys(SERVICES, instances)
     stack = Stack(
-        root, ports=free_ports(), authz_cache_seconds=60, service_env=service_env, instances=one_each
+        root,
+        ports=free_ports(tuple(dict.fromkeys([*DEFAULT_PORTS, *instance_names(counts)]))),
+        authz_cache_seconds=60,
+        service_env=service_env,
+        instances=counts,
     )
     try:
         stack.up(log=log or (lambda line: None))
@@ -72,6 +80,18 @@ def isolated_stack(
     finally:
         stack.down(log=lambda line: None)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def add_instances_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        choices=range(1, MAX_INSTANCES + 1),
+        metavar="N",
+        help="instances of each service side by side, sharing the partitions; their CPU counts "
+        "as the service's (default 1)",
+    )
 
 
 def exit_on_signals() -> None:
@@ -358,8 +378,13 @@ def value_of(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(v for n, ls, v in samples if n == name and all(ls.get(k) == x for k, x in labels.items()))
 
 
+def instances_of(stack: Stack, service: str) -> list[PipelineService]:
+    return [i for i in stack.instances.values() if i.service == service]
+
+
 def metric(stack: Stack, service: str, name: str, **labels: str) -> float:
-    return value_of(scrape(stack.services[service].url), name, **labels)
+    """The metric summed over every instance of the service."""
+    return sum(value_of(scrape(i.url), name, **labels) for i in instances_of(stack, service))
 
 
 # ---- output ----------------------------------------------------------------------------
