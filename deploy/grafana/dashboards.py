@@ -216,7 +216,9 @@ def overview_dashboard() -> db.Dashboard:
             _stat(
                 2,
                 "Lag per group (records)",
-                "Records each consumer group has yet to consume, over all its partitions.",
+                "Records each consumer group has yet to consume, over all its partitions. While a "
+                "group is behind, the count includes the transaction markers among them (one per "
+                "transaction, a few per thousand records); caught up, it is 0.",
                 [Query(f"sum by (group) (pipeline_group_lag_records{{{groups}}})", "{{group}}")],
             )
         )
@@ -235,7 +237,8 @@ def overview_dashboard() -> db.Dashboard:
             _graph(
                 4,
                 "Lag per group and partition (records)",
-                "Records behind the end of each partition (transaction markers not counted).",
+                "Records behind the end of each partition; while behind, transaction markers "
+                "among them count too (one per transaction); caught up, 0.",
                 [
                     Query(
                         f"max by (group, topic, partition) (pipeline_group_lag_records{{{groups}}})",
@@ -497,7 +500,8 @@ def stage_dashboard() -> db.Dashboard:
             _graph(
                 2,
                 "Lag per partition (records)",
-                "Records the stage's group has yet to consume, per topic and partition.",
+                "Records the stage's group has yet to consume, per topic and partition; while "
+                "behind, transaction markers among them count too (one per transaction).",
                 [
                     Query(
                         f"max by (topic, partition) (pipeline_group_lag_records{{{group}}})",
