@@ -223,6 +223,25 @@ def test_a_buffer_due_while_the_previous_is_written_fills_on() -> None:
     assert run.consumer.commits == [[(PROCESSED, 0, 2)], [(PROCESSED, 0, 8)]]
 
 
+def test_a_slow_write_does_not_pause_the_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A store busy for 1.5 s is no outage: pausing would make librdkafka drop the records it
+    # fetched ahead and fetch them again (consumer_kept_alive pauses after PAUSE_AFTER_S).
+    run = Run({(PROCESSED, 0): records(0, *"abcdefghij")}, batch_size=2)
+    pauses: list[list[TopicPartition]] = []
+    monkeypatch.setattr(CommitRecording, "pause", lambda consumer, partitions: pauses.append(partitions))
+    write = run.sink.write
+
+    async def slow_first_write(events: list[StoredEvent]) -> list[tuple[StoredEvent, str]]:
+        if not run.sink.writes:
+            await asyncio.sleep(1.5)  # the store's own pace, not a wait for the test
+        return await write(events)
+
+    run.sink.write = slow_first_write  # type: ignore[method-assign]
+    run.run()
+    assert run.sink.writes == [["a", "b"], list("cdefghij")]  # the loop filled up and waited
+    assert pauses == []
+
+
 def test_a_flush_is_due_by_payload_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     # Records of events up to 1 MiB: the buffer is due by its bytes long before its count.
     monkeypatch.setattr(sink_loop, "FLUSH_BYTES", 2 * len(processed("a")))
