@@ -24,7 +24,6 @@ from scripts.benchlib import (
     SINKS,
     add_instances_option,
     exit_on_signals,
-    instances_of,
     isolated_stack,
     metric,
     process_table,
@@ -77,7 +76,7 @@ def run_service(
 ) -> list[dict[str, float]]:
     """Start every instance of `service` and time each of its stages from first record in to
     `expected` in (summed over the instances), with the CPU of all of them."""
-    instances = instances_of(stack, service)
+    instances = stack.instances_of(service)
     for instance in instances:
         stack.start_service(instance.name)
     # The services, not their supervisors.
@@ -149,7 +148,7 @@ def main() -> None:
             for sink in SINK_NAMES:  # each sink's consumer group reads the backlog from the start
                 stack.service_env["PIPELINE_SINKS"] = sink
                 results += run_service(stack, "storage", (sink_stage(sink),), processed, deadline)
-                for instance in instances_of(stack, "storage"):
+                for instance in stack.instances_of("storage"):
                     instance.process.stop()
         else:
             results += run_service(stack, "storage", SINKS, processed, deadline)

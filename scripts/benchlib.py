@@ -24,7 +24,6 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local.components import PipelineService
 from deploy.local.http_client import http
 from deploy.local.stack import DEFAULT_PORTS, MAX_INSTANCES, SERVICES, Stack, free_ports, instance_names
 from services.common.topology import STORAGE_STAGES, configured_sources, operator_group, raw_topic
@@ -378,13 +377,9 @@ def value_of(samples: list[Sample], name: str, **labels: str) -> float:
     return sum(v for n, ls, v in samples if n == name and all(ls.get(k) == x for k, x in labels.items()))
 
 
-def instances_of(stack: Stack, service: str) -> list[PipelineService]:
-    return [i for i in stack.instances.values() if i.service == service]
-
-
 def metric(stack: Stack, service: str, name: str, **labels: str) -> float:
     """The metric summed over every instance of the service."""
-    return sum(value_of(scrape(i.url), name, **labels) for i in instances_of(stack, service))
+    return sum(value_of(scrape(url), name, **labels) for url in stack.urls(service))
 
 
 # ---- output ----------------------------------------------------------------------------

@@ -698,9 +698,13 @@ class Stack:
         username, password = self.search.credentials(user)
         return {"PIPELINE_ES_USERNAME": username, "PIPELINE_ES_PASSWORD": password}
 
+    def instances_of(self, service: str) -> list[PipelineService]:
+        """The service's instances, in instance order."""
+        return [i for i in self.instances.values() if i.service == service]
+
     def urls(self, service: str) -> list[str]:
         """Each instance's health/metrics URL, in instance order."""
-        return [i.url for i in self.instances.values() if i.service == service]
+        return [i.url for i in self.instances_of(service)]
 
     def write_env(self) -> None:
         lines = [f"export {k}='{v}'" for k, v in self.env().items()]

@@ -128,17 +128,15 @@ def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
 # made the four sink groups fetch 2.8 times the bytes they consumed. A wait this long is a
 # store or OPA away, not a busy one; the group waits for up to max.poll.interval.ms anyway.
 PAUSE_AFTER_S = 10.0
+SERVE_EVERY_S = 1.0  # then, how often the paused consumer's callbacks are served
 
 
 @asynccontextmanager
-async def consumer_kept_alive(
-    consumer: Consumer, pause_after_s: float = PAUSE_AFTER_S, interval_s: float = 1.0
-) -> AsyncIterator[None]:
+async def consumer_kept_alive(consumer: Consumer) -> AsyncIterator[None]:
     """While the body waits (a store or OPA away), keep serving the consumer's callbacks:
     its statistics (the lag metric) and rebalances, without fetching more. Partitions are
-    paused after `pause_after_s`, so a body that returns sooner costs nothing; then the
-    callbacks are served every `interval_s`."""
-    task = asyncio.create_task(_serve_paused(consumer, pause_after_s, interval_s))
+    paused after PAUSE_AFTER_S, so a body that returns sooner costs nothing."""
+    task = asyncio.create_task(_serve_paused(consumer))
     try:
         yield
     finally:
@@ -147,8 +145,8 @@ async def consumer_kept_alive(
             await task
 
 
-async def _serve_paused(consumer: Consumer, pause_after_s: float, interval_s: float) -> None:
-    await asyncio.sleep(pause_after_s)
+async def _serve_paused(consumer: Consumer) -> None:
+    await asyncio.sleep(PAUSE_AFTER_S)
     paused = consumer.assignment()
     consumer.pause(paused)
     try:
@@ -161,7 +159,7 @@ async def _serve_paused(consumer: Consumer, pause_after_s: float, interval_s: fl
                 consumer.seek(back)
                 consumer.pause([back])
                 paused.append(back)
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(SERVE_EVERY_S)
     finally:
         with contextlib.suppress(KafkaException):
             consumer.resume(paused)
